@@ -1,0 +1,38 @@
+"""User-facing errors and atomic file output.
+
+A ``CowjaxError`` is a user's mistake or a broken input file: ``launch.py`` and the command-line
+entry points print its message as one line and exit non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+class CowjaxError(Exception):
+    """An error whose message names the file or value and the problem, meant for the user."""
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    So an interrupted or failed write never leaves a partial output file. The temporary name keeps
+    the suffixes of ``path`` (``.nii.gz``, ``.mrk.json``) so writers that dispatch on them work.
+    """
+    path = Path(path)
+    if not path.parent.exists():
+        raise CowjaxError(f"{path}: output directory {path.parent} does not exist")
+    suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
