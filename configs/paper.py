@@ -1,0 +1,33 @@
+"""The paper's setting: 0.513 x 0.513 x 0.8 mm, Adam(b1=0.5, b2=0.999), lr 1e-4, 150 epochs.
+
+  python launch.py --config=configs/paper.py --workdir=runs/paper            # full multi-task
+  python launch.py --config=configs/paper.py:heatmap_only --workdir=runs/hm  # ablations:
+  python launch.py --config=configs/paper.py:seg --workdir=runs/seg          #   + segmentation
+  python launch.py --config=configs/paper.py:seg_attr --workdir=runs/sa      #   + attributes
+Arguments: full (default), heatmap_only, seg, seg_attr (the auxiliary tasks added one by one).
+"""
+
+from cowjax.config_defaults import default_config
+
+EPOCHS = 150
+
+
+def get_config(arg: str = "full"):
+    c = default_config()
+    c.data.num_cases = 150
+    c.batch_size = 2
+    n_train = round(c.data.num_cases * c.data.split[0])
+    c.num_train_steps = EPOCHS * n_train // c.batch_size
+    c.checkpoint_every_steps = 1000
+    c.eval_every_steps = 1000
+    ablations = {
+        "heatmap_only": dict(w_segmentation=0.0, w_landmark_attr=0.0, w_segment_attr=0.0,
+                             w_consistency=0.0),
+        "seg": dict(w_landmark_attr=0.0, w_segment_attr=0.0, w_consistency=0.0),
+        "seg_attr": dict(w_consistency=0.0),
+        "full": {},
+    }
+    if arg not in ablations:
+        raise ValueError(f"configs/paper.py: unknown argument {arg!r}; one of {sorted(ablations)}")
+    c.loss.update(ablations[arg])
+    return c

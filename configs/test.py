@@ -1,0 +1,25 @@
+"""Tiny configuration for the tests: 32^3 volumes at 3 mm, a few steps, small widths.
+
+  python launch.py --config=configs/test.py --workdir=/tmp/cowjax_test
+"""
+
+from cowjax.config_defaults import default_config
+
+
+def get_config(arg: str = ""):
+    del arg
+    c = default_config()
+    c.num_train_steps = 3
+    c.batch_size = 2
+    c.checkpoint_every_steps = 2
+    c.eval_every_steps = 2
+    c.log_every_steps = 1
+    c.data.num_cases = 8
+    c.data.synthetic_spacing = (1.5, 1.5, 1.5)
+    c.data.spacing = (3.0, 3.0, 3.0)
+    c.data.crop_shape = (32, 32, 16)
+    c.data.heatmap_sigma_mm = 4.0
+    c.data.augment.translate_mm = 4.0
+    c.model.widths = (4, 8)
+    c.train.keep_checkpoints = 1
+    return c

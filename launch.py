@@ -1,0 +1,94 @@
+"""cowjax entry point: train, evaluate, predict, register or benchmark.
+
+  python launch.py --config=configs/demo.py --workdir=runs/demo             # train, then test
+  python launch.py --mode=predict --workdir=runs/demo --input=IMG --output=OUT.mrk.json
+  python launch.py --mode=eval --workdir=runs/demo --data_dir=CASES
+  python launch.py --mode=register --workdir=runs/demo --fixed=A.nii.gz --moving=B.nii.gz \
+      --output=B_on_A.nii.gz
+  python launch.py --mode=bench --config=configs/paper.py
+
+Everything worth testing lives in ``cowjax``; this file parses flags and makes one call.
+A user's mistake (a bad path, a broken file) is printed as one line and exits with status 2.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                          lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config. "
+                               "For --mode=eval, a comma-separated list compares runs.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "register", "bench"],
+                          "What to do.")
+_INPUT = flags.DEFINE_string("input", None, "predict: an image, or a directory of cases/images.")
+_OUTPUT = flags.DEFINE_string("output", None, "predict/register: output file or directory.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "eval: cases with ground truth "
+                                "(default: the run's own test split).")
+_SAVE_SEG = flags.DEFINE_bool("save_segmentation", False, "predict: also write segment labels.")
+_FIXED = flags.DEFINE_string("fixed", None, "register: the fixed image.")
+_MOVING = flags.DEFINE_string("moving", None, "register: the moving image.")
+_FIXED_LM = flags.DEFINE_string("fixed_landmarks", None, "register: landmarks of the fixed image.")
+_MOVING_LM = flags.DEFINE_string("moving_landmarks", None, "register: landmarks of the moving image.")
+_TRANSFORM = flags.DEFINE_enum("transform", "rigid", ["rigid", "similarity"], "register: model.")
+_PARTS = flags.DEFINE_list("parts", ["model", "step", "inference", "pipeline", "synthetic", "memory"],
+                           "bench: which parts to measure.")
+
+
+def _run() -> None:
+    mode, workdir, config = _MODE.value, _WORKDIR.value, _CONFIG.value
+    if mode == "train":
+        if config is None or workdir is None:
+            raise _usage("--mode=train needs --config and --workdir")
+        from cowjax.training import train
+        from cowjax.inference import evaluate
+        train.train_and_evaluate(config, workdir)
+        evaluate.run_eval([workdir], data_dir=None)
+    elif mode == "eval":
+        if workdir is None:
+            raise _usage("--mode=eval needs --workdir")
+        from cowjax.inference import evaluate
+        evaluate.run_eval(workdir.split(","), data_dir=_DATA_DIR.value)
+    elif mode == "predict":
+        if not (workdir and _INPUT.value and _OUTPUT.value):
+            raise _usage("--mode=predict needs --workdir, --input and --output")
+        from cowjax.inference import predict
+        predict.run_predict(workdir, _INPUT.value, _OUTPUT.value,
+                            save_segmentation=_SAVE_SEG.value)
+    elif mode == "register":
+        if not (_FIXED.value and _MOVING.value and _OUTPUT.value):
+            raise _usage("--mode=register needs --fixed, --moving and --output")
+        from cowjax.registration import cli
+        cli.run_register(workdir, _FIXED.value, _MOVING.value, _OUTPUT.value,
+                         transform=_TRANSFORM.value, fixed_landmarks=_FIXED_LM.value,
+                         moving_landmarks=_MOVING_LM.value)
+    elif mode == "bench":
+        if config is None:
+            raise _usage("--mode=bench needs --config")
+        from cowjax import bench
+        bench.run_bench(config, parts=_PARTS.value)
+
+
+def _usage(message):
+    from cowjax.errors import CowjaxError
+    return CowjaxError(message)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from cowjax.errors import CowjaxError
+    logging.set_verbosity(logging.WARNING)
+    try:
+        _run()
+    except CowjaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    app.run(main)
