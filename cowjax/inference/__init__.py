@@ -1,0 +1,1 @@
+"""Checkpoints -> predictions, metrics, reports and figures (decode, predict, evaluate)."""
