@@ -1,0 +1,1 @@
+"""Data: case files (io), synthetic cases, preprocessing, targets, augmentation, the grain pipeline."""
