@@ -1,0 +1,156 @@
+"""Training losses: pure functions of (model outputs, batch) -> scalars, and their weighted sum.
+
+Shapes (B batch, X,Y,Z crop, x,y,z heatmap grid = crop / ``config.model.heatmap_stride``):
+  outputs: ``heatmaps [B,x,y,z,19]``, ``segmentation [B,X,Y,Z,21]`` logits,
+           ``landmark_attr [B,19]`` logits, ``segment_attr [B,20]`` logits.
+  batch:   ``landmarks [B,19,3]`` crop voxel coords, ``landmark_mask [B,19]``, ``segments [B,X,Y,Z]``,
+           ``segments_mask [B]``, ``landmark_attr(_mask) [B,19]``, ``segment_attr(_mask) [B,20]``.
+Heatmap targets are made here, on device, from the coordinates (batches carry no heatmaps).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cowjax import anatomy
+
+# A target voxel above this (Gaussian peak 1) counts as foreground for the ratio weighting.
+FOREGROUND_THRESHOLD = 0.01
+_EPS = 1e-6
+
+
+def _masked_mean(values, mask):
+    """Mean of ``values`` over entries where ``mask`` is 1; 0 when nothing is masked in."""
+    mask = jnp.broadcast_to(mask, values.shape).astype(values.dtype)
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def heatmap_targets(coords, heatmap_shape, config):
+    """Gaussian heatmap targets on the heatmap grid.
+
+    coords: [B,19,3] voxel coords in the crop. heatmap_shape: (x,y,z).
+    Returns [B,x,y,z,19] with peak 1. With ``heatmap_stride`` s, the heatmap voxel i covers crop
+    voxels [s*i, s*i + s), so a crop coordinate c maps to (c + 0.5) / s - 0.5, and sigma shrinks by s.
+    """
+    from cowjax.data import targets
+    stride = config.model.heatmap_stride
+    sigma_vox = np.asarray(config.data.heatmap_sigma_mm) / np.asarray(config.data.spacing) / stride
+    coords = (coords + 0.5) / stride - 0.5
+    return targets.gaussian_heatmaps(coords, tuple(heatmap_shape), sigma_vox)
+
+
+def heatmap_l2(pred, target, landmark_mask):
+    """L2 on heatmaps, foreground weighted by the background/foreground voxel ratio.
+
+    Per (case, landmark) channel, foreground = target > FOREGROUND_THRESHOLD. Foreground voxels
+    get weight n_bg / n_fg, background 1, and the weighted sum is divided by 2 n_bg: the loss is
+    the mean of the background MSE and the foreground MSE, so the few voxels near the landmark
+    count as much as the whole background. Channels with landmark_mask 0 are left out.
+
+    pred, target: [B,x,y,z,L]; landmark_mask: [B,L]. Returns a scalar.
+    """
+    sq = jnp.square(pred - target)
+    fg = (target > FOREGROUND_THRESHOLD).astype(sq.dtype)
+    axes = (1, 2, 3)
+    n_fg = jnp.sum(fg, axis=axes)
+    n_bg = jnp.sum(1.0 - fg, axis=axes)
+    mse_fg = jnp.sum(sq * fg, axis=axes) / jnp.maximum(n_fg, 1.0)
+    mse_bg = jnp.sum(sq * (1.0 - fg), axis=axes) / jnp.maximum(n_bg, 1.0)
+    return _masked_mean(0.5 * (mse_fg + mse_bg), landmark_mask)
+
+
+def heatmap_softmax_ce(logits, target, landmark_mask):
+    """Per-landmark spatial-softmax cross-entropy against the normalised target.
+
+    Each channel's logits are a distribution over the voxels (softmax over x,y,z); the target
+    Gaussian is normalised to sum 1. Masked channels are left out.
+
+    logits, target: [B,x,y,z,L]; landmark_mask: [B,L]. Returns a scalar.
+    """
+    b, *spatial, n = logits.shape
+    logits = logits.reshape(b, -1, n)
+    target = target.reshape(b, -1, n)
+    q = target / jnp.maximum(jnp.sum(target, axis=1, keepdims=True), _EPS)
+    ce = -jnp.sum(q * jax.nn.log_softmax(logits, axis=1), axis=1)
+    return _masked_mean(ce, landmark_mask)
+
+
+def dice_loss(logits, labels, segments_mask):
+    """1 - class-weighted soft Dice over the classes, on cases with segments_mask 1.
+
+    Dice per class is pooled over the (masked) batch. Class weights are the inverse voxel
+    frequencies in the target, normalised to sum 1 over the classes present; absent classes
+    get weight 0 (their false positives are still paid for through the other classes).
+
+    logits: [B,X,Y,Z,C]; labels: [B,X,Y,Z] int; segments_mask: [B]. Returns a scalar in [0,1].
+    """
+    num_classes = logits.shape[-1]
+    m = segments_mask.astype(logits.dtype)[:, None, None, None, None]
+    p = jax.nn.softmax(logits, axis=-1) * m
+    t = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype) * m
+    axes = (0, 1, 2, 3)
+    inter = jnp.sum(p * t, axis=axes)
+    n_t = jnp.sum(t, axis=axes)
+    dice = (2.0 * inter + _EPS) / (jnp.sum(p, axis=axes) + n_t + _EPS)
+    w = jnp.where(n_t > 0, 1.0 / jnp.maximum(n_t, 1.0), 0.0)
+    w = w / jnp.maximum(jnp.sum(w), _EPS)
+    # No segmented case in the batch -> no loss (sum(w) = 0).
+    return jnp.sum(w) - jnp.sum(w * dice)
+
+
+def attribute_bce(logits, labels, mask):
+    """Masked mean sigmoid (binary) cross-entropy. logits, labels, mask: [B,N]."""
+    return _masked_mean(optax.sigmoid_binary_cross_entropy(logits, labels), mask)
+
+
+def consistency_loss(landmark_attr_logits, segment_attr_logits):
+    """Landmark attributes implied by the predicted segment attributes supervise the predicted ones.
+
+    The soft cow19 rule (``anatomy.landmark_attributes`` on sigmoid probabilities) gives targets
+    that are held fixed (stop_gradient); BCE on the landmarks variation can change only.
+
+    landmark_attr_logits: [B,19]; segment_attr_logits: [B,20]. Returns a scalar.
+    """
+    implied = anatomy.landmark_attributes(jax.nn.sigmoid(segment_attr_logits))
+    implied = jax.lax.stop_gradient(implied)
+    mask = jnp.asarray(anatomy.VARIABLE_LANDMARK_MASK, landmark_attr_logits.dtype)
+    return attribute_bce(landmark_attr_logits, implied, mask[None, :])
+
+
+def total_loss(outputs, batch, config):
+    """Weighted sum of the loss terms; a term with weight 0 is not computed.
+
+    Weights: ``config.loss.w_heatmap``, ``w_segmentation``, ``w_landmark_attr``,
+    ``w_segment_attr``, ``w_consistency``; ``config.loss.heatmap`` picks "l2" or "softmax_ce".
+    Returns (loss scalar, {term name: unweighted value}).
+    """
+    lc = config.loss
+    terms = {}
+    if lc.w_heatmap:
+        hm = outputs["heatmaps"]
+        target = heatmap_targets(batch["landmarks"], hm.shape[1:4], config)
+        if lc.heatmap == "l2":
+            terms["heatmap"] = heatmap_l2(hm, target, batch["landmark_mask"])
+        elif lc.heatmap == "softmax_ce":
+            terms["heatmap"] = heatmap_softmax_ce(hm, target, batch["landmark_mask"])
+        else:
+            raise ValueError(f"config.loss.heatmap: unknown {lc.heatmap!r}; 'l2' or 'softmax_ce'")
+    if lc.w_segmentation:
+        terms["segmentation"] = dice_loss(outputs["segmentation"], batch["segments"],
+                                          batch["segments_mask"])
+    if lc.w_landmark_attr:
+        terms["landmark_attr"] = attribute_bce(outputs["landmark_attr"], batch["landmark_attr"],
+                                               batch["landmark_attr_mask"])
+    if lc.w_segment_attr:
+        terms["segment_attr"] = attribute_bce(outputs["segment_attr"], batch["segment_attr"],
+                                              batch["segment_attr_mask"])
+    if lc.w_consistency:
+        terms["consistency"] = consistency_loss(outputs["landmark_attr"], outputs["segment_attr"])
+    weights = {"heatmap": lc.w_heatmap, "segmentation": lc.w_segmentation,
+               "landmark_attr": lc.w_landmark_attr, "segment_attr": lc.w_segment_attr,
+               "consistency": lc.w_consistency}
+    loss = sum((weights[k] * v for k, v in terms.items()), jnp.zeros((), jnp.float32))
+    return loss, terms
