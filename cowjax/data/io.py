@@ -51,13 +51,13 @@ def _load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.dtype]:
         raise
     except (nib.filebasedimages.ImageFileError, EOFError, zlib.error, OSError, ValueError) as e:
         raise CowjaxError(f"{path}: not a readable NIfTI image (missing, truncated or corrupt: {e})")
+    if data.size == 0:
+        raise CowjaxError(f"{path}: empty image (shape {tuple(img.shape)})")
     # A trailing singleton (e.g. [X, Y, Z, 1] from some converters) is still one volume.
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise CowjaxError(f"{path}: expected a 3D image, got shape {tuple(img.shape)}")
-    if data.size == 0:
-        raise CowjaxError(f"{path}: empty image (shape {data.shape})")
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise CowjaxError(f"{path}: invalid voxel-to-world affine (singular or non-finite)")
