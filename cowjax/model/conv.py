@@ -1,0 +1,81 @@
+"""3x3x3 convolution (SAME padding, stride 1) behind one function, fast on every platform.
+
+XLA's CPU backend runs 3D convolutions far below its matrix-product speed (about 18 GFLOP/s for a
+16->16 3x3x3 convolution on 2x64x64x48 where a matmul reaches about 200 GFLOP/s). On GPU/TPU the native
+convolution is the fastest, so ``impl="auto"`` picks native there and a reformulation on CPU.
+
+Formulations (all numerically the same convolution, up to float rounding):
+- ``native``: ``lax.conv_general_dilated``.
+- ``depth_sum``: a sum of three 2D convolutions, one per offset along the first spatial axis; that axis
+  is folded into the batch by a free reshape.
+- ``im2col``: the 27 shifted copies of the input concatenated on channels, then one matrix product.
+
+Shapes: ``x [B, X, Y, Z, Cin]``, ``kernel [3, 3, 3, Cin, Cout]`` -> ``[B, X, Y, Z, Cout]``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("auto", "native", "depth_sum", "im2col")
+
+
+def _native(x, kernel):
+    return lax.conv_general_dilated(x, kernel, (1, 1, 1), "SAME",
+                                    dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+
+
+def _depth_sum(x, kernel):
+    b, nx, ny, nz, cin = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
+    out = None
+    for d in range(3):
+        # [B, X, Y, Z, C] -> [B*X, Y, Z, C] is a free reshape, so each offset is a 2D conv.
+        slab = lax.slice_in_dim(xp, d, d + nx, axis=1).reshape(b * nx, ny, nz, cin)
+        y = lax.conv_general_dilated(slab, kernel[d], (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        out = y if out is None else out + y
+    return out.reshape(b, nx, ny, nz, -1)
+
+
+def _shifts(x, axes):
+    """All 3^len(axes) shifted copies of ``x`` (zero padded by one along ``axes``), concatenated on
+    channels in kernel order."""
+    pad = [(1, 1) if a in axes else (0, 0) for a in range(x.ndim)]
+    xp = jnp.pad(x, pad)
+    copies = [xp]
+    for a in axes:
+        n = x.shape[a]
+        copies = [lax.slice_in_dim(c, d, d + n, axis=a) for c in copies for d in range(3)]
+    return jnp.concatenate(copies, axis=-1)
+
+
+def _im2col(x, kernel):
+    cols = _shifts(x, (1, 2, 3))                          # [B, X, Y, Z, 27*Cin]
+    return jnp.dot(cols, kernel.reshape(-1, kernel.shape[-1]),
+                   preferred_element_type=x.dtype)
+
+
+_FORMULATIONS = {"native": _native, "depth_sum": _depth_sum, "im2col": _im2col}
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+    """The concrete formulation ``impl`` stands for on ``platform`` (default: JAX's default backend)."""
+    if impl not in IMPLS:
+        raise ValueError(f"conv_impl {impl!r}: expected one of {IMPLS}")
+    if impl != "auto":
+        return impl
+    platform = platform or jax.default_backend()
+    return "native" if platform != "cpu" else "depth_sum"
+
+
+def conv3d(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
+    """3x3x3 convolution, SAME padding, stride 1.
+
+    x: [B, X, Y, Z, Cin]; kernel: [3, 3, 3, Cin, Cout]. Returns [B, X, Y, Z, Cout] in x's dtype.
+    """
+    if kernel.shape[:3] != (3, 3, 3) or kernel.shape[3] != x.shape[-1]:
+        raise ValueError(f"conv3d: kernel {kernel.shape} does not fit input {x.shape}")
+    return _FORMULATIONS[resolve_impl(impl)](x, kernel)

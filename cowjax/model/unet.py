@@ -1,0 +1,185 @@
+"""The multi-task residual 3D U-Net: landmark heatmaps, segment labels and the two attribute heads.
+
+Flax Linen rather than NNX: ``model.apply({"params": p}, x)`` is a pure function of a plain dict of
+parameters, which the train step can jit, shard and donate together with the optimiser state without
+any module object in the state (there are no batch statistics: normalisation is group/instance/none).
+
+Layout: a stem 3x3x3 convolution, then per level a residual block (two 3x3x3 convolutions with
+normalisation and ReLU, identity shortcut or a 1x1x1 projection when widths differ); levels are joined by
+2x2x2 stride-2 convolutions down and 2x2x2 stride-2 transposed convolutions up, written as
+space-to-depth + matmul and matmul + depth-to-space (a plain matmul is fast on every backend); decoder
+blocks read the upsampled features concatenated with the encoder skip. Heads: 1x1x1 convolutions for the
+heatmaps (full or half resolution) and the segmentation logits; global average+max pooling of the
+bottleneck and a small MLP for the landmark and segment attribute logits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cowjax import anatomy
+from cowjax.errors import CowjaxError
+from cowjax.model import conv
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_NORMS = ("group", "instance", "none")
+
+
+class Conv3x3(nn.Module):
+    """3x3x3 SAME convolution through ``conv.conv3d`` (the per-platform fast formulation)."""
+    features: int
+    use_bias: bool
+    dtype: jnp.dtype
+    impl: str
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (3, 3, 3, x.shape[-1], self.features), jnp.float32)
+        y = conv.conv3d(x.astype(self.dtype), kernel.astype(self.dtype), self.impl)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        return y
+
+
+def _norm(kind: str, dtype, name: str | None = None):
+    if kind == "group":
+        return lambda x: nn.GroupNorm(num_groups=math.gcd(x.shape[-1], 8), dtype=dtype,
+                                      name=name)(x)
+    if kind == "instance":
+        return lambda x: nn.GroupNorm(num_groups=None, group_size=1, dtype=dtype, name=name)(x)
+    return lambda x: x
+
+
+class ResBlock(nn.Module):
+    features: int
+    norm: str
+    dtype: jnp.dtype
+    impl: str
+
+    @nn.compact
+    def __call__(self, x):
+        bias = self.norm == "none"
+        h = Conv3x3(self.features, bias, self.dtype, self.impl)(x)
+        h = nn.relu(_norm(self.norm, self.dtype)(h))
+        h = Conv3x3(self.features, bias, self.dtype, self.impl)(h)
+        h = _norm(self.norm, self.dtype)(h)
+        shortcut = x
+        if x.shape[-1] != self.features:
+            shortcut = nn.Dense(self.features, use_bias=False, dtype=self.dtype, name="project")(x)
+        return nn.relu(h + shortcut)
+
+
+def space_to_depth(x):
+    """[B, X, Y, Z, C] -> [B, X/2, Y/2, Z/2, 8C] (2x2x2 blocks onto channels)."""
+    b, nx, ny, nz, c = x.shape
+    x = x.reshape(b, nx // 2, 2, ny // 2, 2, nz // 2, 2, c)
+    return x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, nx // 2, ny // 2, nz // 2, 8 * c)
+
+
+def depth_to_space(x):
+    """[B, X, Y, Z, 8C] -> [B, 2X, 2Y, 2Z, C] (inverse of ``space_to_depth``)."""
+    b, nx, ny, nz, c8 = x.shape
+    c = c8 // 8
+    x = x.reshape(b, nx, ny, nz, 2, 2, 2, c)
+    return x.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, 2 * nx, 2 * ny, 2 * nz, c)
+
+
+class Down(nn.Module):
+    """2x2x2 stride-2 convolution (as space-to-depth + matmul), normalisation, ReLU."""
+    features: int
+    norm: str
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(self.features, use_bias=self.norm == "none", dtype=self.dtype)(space_to_depth(x))
+        return nn.relu(_norm(self.norm, self.dtype)(h))
+
+
+class Up(nn.Module):
+    """2x2x2 stride-2 transposed convolution (as matmul + depth-to-space), normalisation, ReLU."""
+    features: int
+    norm: str
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        h = depth_to_space(nn.Dense(8 * self.features, use_bias=self.norm == "none",
+                                    dtype=self.dtype)(x))
+        return nn.relu(_norm(self.norm, self.dtype)(h))
+
+
+class CowNet(nn.Module):
+    """image [B, X, Y, Z, 1] -> {"heatmaps": [B, X/s, Y/s, Z/s, 19], "segmentation": [B, X, Y, Z, 21],
+    "landmark_attr": [B, 19], "segment_attr": [B, 20]} (s = heatmap_stride), all float32 logits or
+    heatmaps. X, Y, Z must be divisible by 2**(len(widths) - 1)."""
+    widths: Sequence[int] = (16, 32, 64, 128)
+    norm: str = "group"
+    dtype: str = "float32"
+    heatmap_stride: int = 1
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, image):
+        dt = _DTYPES[self.dtype]
+        factor = 2 ** (len(self.widths) - 1)
+        if any(n % factor for n in image.shape[1:4]):
+            raise CowjaxError(f"model input {image.shape[1:4]} is not divisible by {factor} "
+                              f"(2**(len(widths)-1) for widths {tuple(self.widths)})")
+        x = Conv3x3(self.widths[0], True, dt, self.conv_impl, name="stem")(image.astype(dt))
+        skips = []
+        for i, w in enumerate(self.widths):
+            if i:
+                x = Down(w, self.norm, dt, name=f"down{i}")(x)
+            x = ResBlock(w, self.norm, dt, self.conv_impl, name=f"enc{i}")(x)
+            skips.append(x)
+        bottleneck = x
+        half = None
+        for i in reversed(range(len(self.widths) - 1)):
+            if i == 0:
+                half = x  # the decoder's half-resolution features feed a stride-2 heatmap head
+            x = Up(self.widths[i], self.norm, dt, name=f"up{i}")(x)
+            x = ResBlock(self.widths[i], self.norm, dt, self.conv_impl, name=f"dec{i}")(
+                jnp.concatenate([x, skips[i]], axis=-1))
+        heat_in = x if self.heatmap_stride == 1 else half
+        heatmaps = nn.Dense(anatomy.NUM_LANDMARKS, dtype=dt, name="heatmap_head")(heat_in)
+        segmentation = nn.Dense(anatomy.NUM_CLASSES, dtype=dt, name="segmentation_head")(x)
+
+        pooled = jnp.concatenate([bottleneck.astype(jnp.float32).mean(axis=(1, 2, 3)),
+                                  bottleneck.astype(jnp.float32).max(axis=(1, 2, 3))], axis=-1)
+        h = nn.relu(nn.Dense(self.widths[-1], name="attr_hidden")(pooled))
+        f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+        return {"heatmaps": f32(heatmaps), "segmentation": f32(segmentation),
+                "landmark_attr": f32(nn.Dense(anatomy.NUM_LANDMARKS, name="landmark_attr_head")(h)),
+                "segment_attr": f32(nn.Dense(anatomy.NUM_SEGMENTS, name="segment_attr_head")(h))}
+
+
+def build_model(config) -> CowNet:
+    """The network for ``config`` (the full config or its ``model`` group); checks the settings."""
+    m = config.model if "model" in config else config
+    widths = tuple(int(w) for w in m.widths)
+    if not widths or min(widths) < 1:
+        raise CowjaxError(f"config.model.widths {m.widths}: need at least one positive width")
+    if m.norm not in _NORMS:
+        raise CowjaxError(f"config.model.norm {m.norm!r}: expected one of {_NORMS}")
+    if m.dtype not in _DTYPES:
+        raise CowjaxError(f"config.model.dtype {m.dtype!r}: expected one of {tuple(_DTYPES)}")
+    if m.heatmap_stride not in (1, 2) or (m.heatmap_stride == 2 and len(widths) < 2):
+        raise CowjaxError(f"config.model.heatmap_stride {m.heatmap_stride}: expected 1, or 2 with "
+                          f"at least two widths")
+    if m.conv_impl not in conv.IMPLS:
+        raise CowjaxError(f"config.model.conv_impl {m.conv_impl!r}: expected one of {conv.IMPLS}")
+    return CowNet(widths=widths, norm=m.norm, dtype=m.dtype, heatmap_stride=int(m.heatmap_stride),
+                  conv_impl=m.conv_impl)
+
+
+def init_params(model: CowNet, key: jax.Array) -> dict:
+    """Float32 parameters. They do not depend on the input size, so the smallest valid input is used."""
+    n = 2 ** (len(model.widths) - 1)
+    return jax.jit(model.init)(key, jnp.zeros((1, n, n, n, 1), jnp.float32))["params"]
