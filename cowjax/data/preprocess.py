@@ -1,0 +1,182 @@
+"""From a case on its own grid to arrays on the network's canonical grid, and back to world mm.
+
+The canonical grid is RAS-aligned (+i = right, +j = anterior, +k = superior) at ``config.data.spacing``;
+its affine ``diag(spacing) + origin`` is kept with every preprocessed case so predictions in grid voxels
+map back to the original image's world coordinates exactly (resampling is world-exact: the value at a
+grid voxel is the source image interpolated at that voxel's world position).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from cowjax import anatomy
+from cowjax.data import io
+
+# Intensity normalisation: these percentiles of the image map to 0 and 1 (vessels are the brightest
+# few percent of an MRA, so the upper one sits in the vessel range); values are clipped to [0, CLIP].
+_LOW_PCT, _HIGH_PCT, _CLIP = 1.0, 99.9, 3.0
+
+
+def voxel_to_world(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """[..., 3] voxel coordinates -> [..., 3] world mm (NaN stays NaN)."""
+    points = np.asarray(points, dtype=np.float64)
+    return points @ affine[:3, :3].T + affine[:3, 3]
+
+
+def world_to_voxel(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """[..., 3] world mm -> [..., 3] voxel coordinates of the grid with this affine."""
+    points = np.asarray(points, dtype=np.float64)
+    inv = np.linalg.inv(affine)
+    return points @ inv[:3, :3].T + inv[:3, 3]
+
+
+def canonical_grid(affine: np.ndarray, shape, spacing) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The RAS-aligned grid at ``spacing`` (mm) covering every voxel centre of the image.
+
+    Returns (grid_affine [4, 4] = diag(spacing) + origin, grid_shape (X, Y, Z)).
+    """
+    spacing = np.asarray(spacing, dtype=np.float64)
+    corners = np.stack(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    world = voxel_to_world(corners, affine)
+    lo, hi = world.min(0), world.max(0)
+    grid_shape = tuple(int(n) for n in np.floor((hi - lo) / spacing + 1e-6).astype(int) + 1)
+    grid_affine = np.diag(np.append(spacing, 1.0))
+    grid_affine[:3, 3] = lo
+    return grid_affine, grid_shape
+
+
+def resample(data: np.ndarray, affine: np.ndarray, grid_affine: np.ndarray, grid_shape,
+             order: int) -> np.ndarray:
+    """Sample ``data`` (on ``affine``) at every voxel of the target grid; 0 outside the image.
+
+    order 1: trilinear (images), order 0: nearest (labels, dtype kept). The target voxel -> source
+    voxel map is affine, so scipy's ``affine_transform`` (map_coordinates with the coordinates
+    generated on the fly, no [3, X, Y, Z] array) does it in one call.
+    """
+    src_from_grid = np.linalg.inv(affine) @ grid_affine
+    out = ndimage.affine_transform(data, src_from_grid[:3, :3], offset=src_from_grid[:3, 3],
+                                   output_shape=tuple(grid_shape), order=order, mode="constant",
+                                   cval=0.0, prefilter=False)
+    return out.astype(data.dtype, copy=False)
+
+
+def normalise_intensity(image: np.ndarray) -> np.ndarray:
+    """Robust [0, 1]-ish intensities: the 1st / 99.9th percentiles map to 0 / 1, clipped to [0, 3].
+
+    Computed on the image's own grid before resampling (so padding does not shift the percentiles),
+    identically at training and inference. Returns float32 of the same shape.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    # A strided subsample keeps the percentiles cheap on large volumes without changing them much.
+    step = max(1, round((image.size / 4e6) ** (1 / 3)))
+    lo, hi = np.percentile(image[::step, ::step, ::step], [_LOW_PCT, _HIGH_PCT])
+    if hi <= lo:
+        hi = lo + 1.0
+    return np.clip((image - lo) / (hi - lo), 0.0, _CLIP).astype(np.float32)
+
+
+def estimate_fov_center(image: np.ndarray, affine: np.ndarray, radius_mm: float = 30.0) -> np.ndarray:
+    """A landmark-free estimate of the Circle of Willis centre: [3] world RAS mm.
+
+    Vessel-like voxels are those bright at a ~1 mm scale relative to their ~4 mm surroundings
+    (difference of Gaussians), which suppresses large bright structures (fat, sinuses). The centre
+    is the densest cluster of the strongest such voxels: a weighted median start followed by a few
+    mean-shift steps with a ``radius_mm`` Gaussian window, so isolated bright spots do not pull it.
+    """
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    # Work at >= ~1.5 mm: plenty for a centre, and cheap on full-resolution MRA.
+    stride = np.maximum(1, np.floor(1.5 / zooms)).astype(int)
+    small = np.asarray(image, dtype=np.float32)[::stride[0], ::stride[1], ::stride[2]]
+    vox = zooms * stride
+    dog = ndimage.gaussian_filter(small, 1.0 / vox) - ndimage.gaussian_filter(small, 4.0 / vox)
+    flat = dog.ravel()
+    k = max(10, flat.size // 200)  # the strongest 0.5 %
+    idx = np.argpartition(flat, -k)[-k:]
+    weights = np.maximum(flat[idx], 0) + 1e-12
+    ijk = np.stack(np.unravel_index(idx, small.shape), -1) * stride
+    points = voxel_to_world(ijk, affine)
+    center = np.array([_weighted_median(points[:, a], weights) for a in range(3)])
+    for _ in range(10):
+        w = weights * np.exp(-0.5 * np.sum((points - center) ** 2, -1) / radius_mm ** 2)
+        center = (w[:, None] * points).sum(0) / w.sum()
+    return center
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(values)
+    cum = np.cumsum(weights[order])
+    return float(values[order][np.searchsorted(cum, 0.5 * cum[-1])])
+
+
+def crop(image: np.ndarray, center_vox, crop_shape) -> tuple[np.ndarray, np.ndarray]:
+    """Cut ``crop_shape`` voxels centred at ``center_vox`` (rounded), zero outside the image.
+
+    Returns (crop [*crop_shape] same dtype, offset [3] int: crop voxel + offset = image voxel).
+    """
+    crop_shape = np.asarray(crop_shape, dtype=int)
+    offset = np.round(np.asarray(center_vox, dtype=np.float64) - (crop_shape - 1) / 2).astype(int)
+    out = np.zeros(tuple(crop_shape), dtype=image.dtype)
+    src_lo = np.clip(offset, 0, image.shape)
+    src_hi = np.clip(offset + crop_shape, 0, image.shape)
+    if np.all(src_hi > src_lo):
+        dst_lo = src_lo - offset
+        dst_hi = dst_lo + (src_hi - src_lo)
+        out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))] = \
+            image[tuple(slice(a, b) for a, b in zip(src_lo, src_hi))]
+    return out, offset
+
+
+def _attribute_arrays(attributes: dict | None):
+    """On-disk attributes -> (segment_attr [20], segment_mask [20], landmark_attr [19], landmark_mask [19])."""
+    seg, seg_mask = np.zeros(anatomy.NUM_SEGMENTS, np.float32), np.zeros(anatomy.NUM_SEGMENTS, np.float32)
+    lm, lm_mask = np.zeros(anatomy.NUM_LANDMARKS, np.float32), np.zeros(anatomy.NUM_LANDMARKS, np.float32)
+    for name, value in (attributes or {}).get("segments", {}).items():
+        seg[anatomy.SEGMENT_INDEX[name]], seg_mask[anatomy.SEGMENT_INDEX[name]] = value, 1.0
+    for name, value in (attributes or {}).get("landmarks", {}).items():
+        lm[anatomy.LANDMARK_INDEX[name]], lm_mask[anatomy.LANDMARK_INDEX[name]] = value, 1.0
+    return seg, seg_mask, lm, lm_mask
+
+
+def preprocess_case(case: io.Case, config) -> dict:
+    """A Case on its own grid -> arrays on the canonical grid at ``config.data.spacing``.
+
+    Keys: ``image [X, Y, Z] float32`` (normalised), ``affine [4, 4]`` (grid voxel -> world RAS),
+    ``landmarks [19, 3]`` (grid voxel coords, NaN unknown), ``fov_center [3]`` (grid voxel coords of
+    ``estimate_fov_center``), ``segments [X, Y, Z] uint8`` or None (given, else derived from a
+    vessel mask and the landmarks), ``segment_attr/segment_attr_mask [20]``,
+    ``landmark_attr/landmark_attr_mask [19]`` float32 (given, else derived from the segments).
+    """
+    from cowjax.data import targets  # targets imports jax; keep io/preprocess light to import
+
+    grid_affine, grid_shape = canonical_grid(case.affine, case.image.shape, config.data.spacing)
+    image = resample(normalise_intensity(case.image), case.affine, grid_affine, grid_shape, order=1)
+    segments = None
+    if case.segments is not None:
+        segments = resample(np.asarray(case.segments, np.uint8), case.affine, grid_affine,
+                            grid_shape, order=0)
+    elif case.vessels is not None:
+        vessels = resample(np.asarray(case.vessels, np.float32), case.affine, grid_affine,
+                           grid_shape, order=1) >= 0.5
+        segments = targets.derive_segments(vessels, grid_affine, case.landmarks)
+    seg_attr, seg_mask, lm_attr, lm_mask = _attribute_arrays(case.attributes)
+    if segments is not None and seg_mask.sum() < anatomy.NUM_SEGMENTS:
+        d_seg, d_seg_mask, d_lm, d_lm_mask = targets.derive_attributes(segments, grid_affine,
+                                                                       case.landmarks)
+        # Keep what the case states; fill only what it leaves out.
+        seg_attr = np.where(seg_mask > 0, seg_attr, d_seg)
+        lm_attr = np.where(lm_mask > 0, lm_attr, d_lm)
+        seg_mask, lm_mask = np.maximum(seg_mask, d_seg_mask), np.maximum(lm_mask, d_lm_mask)
+    fov = world_to_voxel(estimate_fov_center(case.image, case.affine), grid_affine)
+    return {
+        "image": image.astype(np.float32),
+        "affine": grid_affine,
+        "landmarks": world_to_voxel(case.landmarks, grid_affine),
+        "fov_center": fov,
+        "segments": segments,
+        "segment_attr": seg_attr.astype(np.float32),
+        "segment_attr_mask": seg_mask.astype(np.float32),
+        "landmark_attr": lm_attr.astype(np.float32),
+        "landmark_attr_mask": lm_mask.astype(np.float32),
+    }
