@@ -152,22 +152,22 @@ def preprocess_case(case: io.Case, config) -> dict:
 
     grid_affine, grid_shape = canonical_grid(case.affine, case.image.shape, config.data.spacing)
     image = resample(normalise_intensity(case.image), case.affine, grid_affine, grid_shape, order=1)
-    segments = None
-    if case.segments is not None:
-        segments = resample(np.asarray(case.segments, np.uint8), case.affine, grid_affine,
-                            grid_shape, order=0)
-    elif case.vessels is not None:
-        vessels = resample(np.asarray(case.vessels, np.float32), case.affine, grid_affine,
-                           grid_shape, order=1) >= 0.5
-        segments = targets.derive_segments(vessels, grid_affine, case.landmarks)
+    # Labels are derived and measured on the case's own (finer) grid, then resampled.
+    labels = case.segments
+    if labels is None and case.vessels is not None:
+        labels = targets.derive_segments(np.asarray(case.vessels) > 0, case.affine, case.landmarks)
     seg_attr, seg_mask, lm_attr, lm_mask = _attribute_arrays(case.attributes)
-    if segments is not None and seg_mask.sum() < anatomy.NUM_SEGMENTS:
-        d_seg, d_seg_mask, d_lm, d_lm_mask = targets.derive_attributes(segments, grid_affine,
-                                                                       case.landmarks)
-        # Keep what the case states; fill only what it leaves out.
-        seg_attr = np.where(seg_mask > 0, seg_attr, d_seg)
-        lm_attr = np.where(lm_mask > 0, lm_attr, d_lm)
-        seg_mask, lm_mask = np.maximum(seg_mask, d_seg_mask), np.maximum(lm_mask, d_lm_mask)
+    segments = None
+    if labels is not None:
+        segments = resample(np.asarray(labels, np.uint8), case.affine, grid_affine, grid_shape,
+                            order=0)
+        if seg_mask.sum() < anatomy.NUM_SEGMENTS:
+            d_seg, d_seg_mask, d_lm, d_lm_mask = targets.derive_attributes(labels, case.affine,
+                                                                           case.landmarks)
+            # Keep what the case states; fill only what it leaves out.
+            seg_attr = np.where(seg_mask > 0, seg_attr, d_seg)
+            lm_attr = np.where(lm_mask > 0, lm_attr, d_lm)
+            seg_mask, lm_mask = np.maximum(seg_mask, d_seg_mask), np.maximum(lm_mask, d_lm_mask)
     fov = world_to_voxel(estimate_fov_center(case.image, case.affine), grid_affine)
     return {
         "image": image.astype(np.float32),

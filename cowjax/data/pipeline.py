@@ -1,0 +1,202 @@
+"""The input pipeline: the dataset and its split, cached preprocessing, grain batches.
+
+Example ``i`` of the endless training stream is a pure function of (seed, i): epoch ``i // n`` visits
+the ``n`` training cases in a permutation seeded by (seed, epoch), and the augmentation of each
+example draws from a Generator seeded by (seed, epoch, position). The stream is sharded over host
+processes (each takes every ``process_count``-th example), batched, optionally read by grain worker
+processes, and its iterator state (``get_state()`` / ``set_state()``) resumes it exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import grain
+import jax
+import numpy as np
+
+from cowjax.data import augment, io, preprocess
+from cowjax.errors import CowjaxError, atomic_output
+
+_CACHE_VERSION = 1  # bump when preprocessing changes what it writes
+_SPLITS = ("train", "val", "test")
+
+
+# ------------------------------------------------------------------------------- dataset and split
+
+def _dataset_dir(config, workdir: Path) -> Path:
+    d = config.data
+    if d.data_dir:
+        return Path(d.data_dir)
+    if d.source != "synthetic":
+        raise CowjaxError(f"config.data.data_dir is empty; set it to the folder of cases "
+                          f"(config.data.source = {d.source!r})")
+    spacing = "x".join(f"{s:g}" for s in d.synthetic_spacing)
+    name = f"synthetic_n{d.num_cases}_s{d.synthetic_seed}_{spacing}mm_p{d.pathology_fraction:g}"
+    return workdir.resolve().parent / "data" / name
+
+
+def _make_synthetic(config, data_dir: Path) -> None:
+    """Generate the synthetic set into a temporary folder and rename it: never a half-made set."""
+    from cowjax.data import synthetic  # the generator is only needed on first use
+
+    tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        synthetic.generate_dataset(tmp, config.data.num_cases, config.data.synthetic_seed,
+                                   spacing=tuple(config.data.synthetic_spacing),
+                                   pathology_fraction=config.data.pathology_fraction)
+        os.replace(tmp, data_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def prepare_data(config, workdir) -> dict[str, list[Path]]:
+    """The train / val / test case folders, the split recorded in ``workdir/split.json``.
+
+    A recorded split is re-used as is (its cases must still exist); otherwise the dataset is listed
+    (synthetic: generated on first use under ``config.data.data_dir`` or ``<workdir>/../data/``)
+    and split by ``config.data.split`` with a permutation seeded by ``config.seed``.
+    """
+    workdir = Path(workdir)
+    split_file = workdir / "split.json"
+    if split_file.exists():
+        try:
+            recorded = json.loads(split_file.read_text())
+            data_dir = Path(recorded["data_dir"])
+            split = {k: [data_dir / n for n in recorded[k]] for k in _SPLITS}
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CowjaxError(f"{split_file}: unreadable split record ({e}); delete it to re-split")
+        missing = [str(p) for k in _SPLITS for p in split[k] if not (p / io.IMAGE).is_file()]
+        if missing:
+            raise CowjaxError(f"{split_file}: {len(missing)} recorded case(s) missing, e.g. "
+                              f"{missing[0]}")
+        return split
+    data_dir = _dataset_dir(config, workdir)
+    if config.data.source == "synthetic" and not data_dir.exists():
+        _make_synthetic(config, data_dir)
+    cases = io.list_cases(data_dir)
+    fractions = np.asarray(config.data.split, np.float64)
+    if fractions.shape != (3,) or np.any(fractions < 0) or fractions.sum() <= 0:
+        raise CowjaxError(f"config.data.split = {tuple(config.data.split)}: expected three "
+                          f"non-negative train/val/test fractions")
+    # Every non-zero fraction gets at least one case when there are enough.
+    counts = np.floor(fractions / fractions.sum() * len(cases)).astype(int)
+    counts = np.where((fractions > 0) & (counts == 0) & (len(cases) >= 3), 1, counts)
+    counts[0] = len(cases) - counts[1:].sum()
+    if counts[0] < 1:
+        raise CowjaxError(f"{data_dir}: {len(cases)} case(s) are too few to split {tuple(fractions)}")
+    order = np.random.default_rng(config.seed).permutation(len(cases))
+    bounds = np.cumsum(counts)[:-1]
+    split = {k: [cases[i] for i in sorted(part)]
+             for k, part in zip(_SPLITS, np.split(order, bounds))}
+    workdir.mkdir(parents=True, exist_ok=True)
+    record = {"data_dir": str(data_dir.resolve()), **{k: [p.name for p in split[k]] for k in _SPLITS}}
+    with atomic_output(split_file) as tmp:
+        tmp.write_text(json.dumps(record, indent=1))
+    return {k: [data_dir.resolve() / p.name for p in split[k]] for k in _SPLITS}
+
+
+# ------------------------------------------------------------------------------ preprocessing cache
+
+def _cache_path(case_dir: Path, spacing, cache_dir: Path) -> Path:
+    """Keyed by the case folder, its files' sizes and times, the spacing and the cache version."""
+    stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in case_dir.iterdir() if p.is_file())
+    key = json.dumps([str(case_dir.resolve()), [float(s) for s in spacing], stats, _CACHE_VERSION])
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    return cache_dir / f"{case_dir.name}_{digest}.npz"
+
+
+def preprocessed(case_dir, config, cache_dir) -> dict:
+    """``preprocess_case`` of a case folder, read from / written to the cache (np.savez)."""
+    case_dir, cache_dir = Path(case_dir), Path(cache_dir)
+    path = _cache_path(case_dir, config.data.spacing, cache_dir)
+    if not path.exists():
+        pre = preprocess.preprocess_case(io.load_case(case_dir), config)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        arrays = {k: v for k, v in pre.items() if v is not None}
+        with atomic_output(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+        return pre
+    return _load_cached(str(path))
+
+
+@functools.lru_cache(maxsize=16)
+def _load_cached(path: str) -> dict:
+    with np.load(path) as z:
+        pre = {k: z[k] for k in z.files}
+    pre.setdefault("segments", None)
+    return pre
+
+
+# ----------------------------------------------------------------------------------------- batches
+
+class _TrainExample:
+    """Global example index -> augmented example (picklable for grain worker processes)."""
+
+    def __init__(self, case_dirs, config, cache_dir):
+        self.case_dirs = [str(p) for p in case_dirs]
+        self.config = config
+        self.cache_dir = str(cache_dir)
+
+    def __call__(self, index: int) -> dict:
+        n = len(self.case_dirs)
+        seed = self.config.seed
+        epoch, position = divmod(int(index), n)
+        case = np.random.default_rng([seed, epoch]).permutation(n)[position]
+        pre = preprocessed(self.case_dirs[case], self.config, self.cache_dir)
+        rng = np.random.default_rng([seed, epoch, position])
+        d = self.config.data
+        return augment.augment_example(pre, rng, d.crop_shape, d.spacing, d.augment)
+
+
+def train_loader(config, case_dirs, cache_dir):
+    """An endless, checkpointable iterator of this host's training batches (dicts of numpy arrays).
+
+    The global batch ``config.batch_size`` is split over ``jax.process_count()`` hosts; the stream is
+    the same for a given ``config.seed`` whatever ``config.data.num_workers``. Every case is
+    preprocessed (and cached) before the first batch, so a bad case fails now, naming its file.
+    """
+    case_dirs = [Path(p) for p in case_dirs]
+    if not case_dirs:
+        raise CowjaxError("no training cases")
+    for p in case_dirs:
+        preprocessed(p, config, cache_dir)
+    hosts, host = jax.process_count(), jax.process_index()
+    if config.batch_size % hosts:
+        raise CowjaxError(f"batch_size {config.batch_size} does not divide over {hosts} hosts")
+    # Lazily indexed: the length is only an upper bound on the examples ever read.
+    ds = grain.MapDataset.range(len(case_dirs) * 10**7).map(_TrainExample(case_dirs, config,
+                                                                          cache_dir))
+    ds = ds[host::hosts].batch(config.batch_size // hosts, drop_remainder=True)
+    it_ds = ds.to_iter_dataset()
+    if config.data.num_workers > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+    return iter(it_ds)
+
+
+def eval_examples(config, case_dirs, cache_dir) -> list[dict]:
+    """Un-augmented examples centred at each case's landmark-free FOV centre, for validation.
+
+    Each has the training keys (no batch axis) plus ``case_id``, ``grid_affine [4, 4]`` (canonical
+    grid voxel -> world RAS), ``offset [3]`` (crop voxel + offset = grid voxel) and ``crop_affine``
+    (crop voxel -> world RAS mm), so predicted crop coordinates convert to world mm.
+    """
+    examples = []
+    for case_dir in map(Path, case_dirs):
+        pre = preprocessed(case_dir, config, cache_dir)
+        example, offset = augment.crop_example(pre, pre["fov_center"], config.data.crop_shape)
+        shift = np.eye(4)
+        shift[:3, 3] = offset
+        examples.append({**example, "case_id": case_dir.name, "grid_affine": pre["affine"],
+                         "offset": offset, "crop_affine": pre["affine"] @ shift})
+    return examples
