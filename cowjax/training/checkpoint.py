@@ -1,0 +1,156 @@
+"""Checkpoints with orbax: the train state, the config and the data-iterator position together.
+
+Layout under the workdir:
+  checkpoints/<step>/{params, opt_state, meta}   the latest ``config.train.keep_checkpoints``
+  best/<step>/{params, meta}                     the one with the lowest validation MRE
+``meta`` is JSON: step, skipped-update count, seed, the data iterator's state, the resolved
+config and the anatomy the model was made for. Orbax writes each step into a temporary directory
+and renames it when complete, so a run killed mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from cowjax import anatomy
+from cowjax.errors import CowjaxError
+
+LATEST, BEST = "checkpoints", "best"
+BEST_METRIC = "val_mre_mm"
+
+
+def config_to_dict(config) -> dict:
+    """The config as JSON-able nested dicts (tuples become lists)."""
+    return json.loads(config.to_json())
+
+
+def config_from_dict(d: dict) -> ml_collections.ConfigDict:
+    """Inverse of ``config_to_dict``; lists come back as tuples, as the configs write them."""
+    def tuples(v):
+        if isinstance(v, dict):
+            return {k: tuples(x) for k, x in v.items()}
+        return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+    return ml_collections.ConfigDict(tuples(d))
+
+
+def _anatomy() -> dict:
+    return {"landmarks": list(anatomy.LANDMARKS), "segments": list(anatomy.SEGMENTS)}
+
+
+def iterator_state(iterator):
+    """A data iterator's position as JSON (grain iterators give a dict or JSON bytes)."""
+    state = iterator.get_state()
+    return {"bytes": state.decode()} if isinstance(state, bytes) else {"json": state}
+
+
+def set_iterator_state(iterator, saved) -> None:
+    iterator.set_state(saved["bytes"].encode() if "bytes" in saved else saved["json"])
+
+
+def _manager(directory: Path, keep: int, best: bool = False, read_only: bool = False):
+    # Synchronous saves: checkpoints are small next to a step, and a finished save() is on disk.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=False, read_only=read_only,
+        create=not read_only,
+        best_fn=(lambda m: m[BEST_METRIC]) if best else None, best_mode="min")
+    handlers = {"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    if not best:
+        handlers["opt_state"] = ocp.StandardCheckpointHandler()
+    return ocp.CheckpointManager(directory.resolve(), options=options, item_handlers=handlers)
+
+
+def check_compatible(directory: Path, step: int, meta: dict, params_metadata, abstract_params):
+    """CowjaxError when a checkpoint does not fit the model the config builds."""
+    if meta.get("anatomy") != _anatomy():
+        got = meta.get("anatomy") or {}
+        raise CowjaxError(
+            f"{directory}/{step}: checkpoint made for {len(got.get('landmarks', []))} landmarks and "
+            f"{len(got.get('segments', []))} segments (or other names); this code has "
+            f"{anatomy.NUM_LANDMARKS} and {anatomy.NUM_SEGMENTS}")
+    params_metadata = getattr(params_metadata, "tree", params_metadata)
+    saved = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+             jax.tree_util.tree_leaves_with_path(params_metadata)}
+    want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in
+            jax.tree_util.tree_leaves_with_path(abstract_params)}
+    if saved != want:
+        diff = sorted(set(saved.items()) ^ set(want.items()))[:3]
+        raise CowjaxError(
+            f"{directory}/{step}: checkpoint's model shapes differ from the config's model "
+            f"(e.g. {diff}); use a new workdir or the config the checkpoint was trained with")
+
+
+class Checkpoints:
+    """The latest checkpoints (for resuming) and the best one (for inference) of a run."""
+
+    def __init__(self, workdir, keep: int):
+        self.dir = Path(workdir)
+        self.latest = _manager(self.dir / LATEST, keep)
+        self.best = _manager(self.dir / BEST, 1, best=True)
+
+    def latest_step(self) -> int | None:
+        return self.latest.latest_step()
+
+    def save(self, state, meta: dict, best_metric: float | None = None) -> None:
+        """Save at ``meta["step"]`` (host int); also as best when best_metric is given."""
+        step = meta["step"]
+        meta = {**meta, "anatomy": _anatomy()}
+        if best_metric is not None and step not in self.best.all_steps():
+            self.best.save(step, metrics={BEST_METRIC: float(best_metric)},
+                           args=ocp.args.Composite(params=ocp.args.StandardSave(state["params"]),
+                                                   meta=ocp.args.JsonSave(meta)))
+        if step not in self.latest.all_steps():
+            self.latest.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state["params"]),
+                opt_state=ocp.args.StandardSave(state["opt_state"]),
+                meta=ocp.args.JsonSave(meta)))
+
+    def restore_latest(self, abstract_state):
+        """(state, meta) from the latest checkpoint; abstract_state carries target shardings."""
+        step = self.latest.latest_step()
+        meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        check_compatible(self.dir / LATEST, step, meta,
+                         self.latest.item_metadata(step)["params"], abstract_state["params"])
+        r = self.latest.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state["params"]),
+            opt_state=ocp.args.StandardRestore(abstract_state["opt_state"])))
+        state = {"step": np.int32(meta["step"]), "params": r["params"],
+                 "opt_state": r["opt_state"], "nonfinite": np.int32(meta["nonfinite"])}
+        return state, meta
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+def load_for_inference(workdir):
+    """(config, params) of a run: the best checkpoint, else the latest.
+
+    The config is the one the run was trained with. Raises CowjaxError when there is no
+    checkpoint, or when it does not fit the model its config builds (anatomy or shapes).
+    """
+    from cowjax.model import unet
+    from cowjax.training import state as state_lib
+    workdir = Path(workdir)
+    for name in (BEST, LATEST):
+        directory = workdir / name
+        if not directory.is_dir():
+            continue
+        mgr = _manager(directory, 1, read_only=True)
+        step = mgr.latest_step()
+        if step is None:
+            continue
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        config = config_from_dict(meta["config"])
+        model = unet.build_model(config)
+        abstract = jax.eval_shape(lambda: state_lib.init_params(model, config))
+        check_compatible(directory, step, meta, mgr.item_metadata(step)["params"], abstract)
+        params = mgr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract)))["params"]
+        return config, params
+    raise CowjaxError(f"{workdir}: no checkpoint found (train a run there first)")

@@ -1,0 +1,52 @@
+"""The plain-dict train state and the optimizer.
+
+State: ``{"step": int32 [], "params": pytree, "opt_state": pytree, "nonfinite": int32 []}``;
+``nonfinite`` counts the updates skipped because the loss or a gradient was not finite.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cowjax.errors import CowjaxError
+
+
+def learning_rate_schedule(config):
+    """config.optim.schedule: "constant" (after an optional linear warmup) or "cosine" (warmup,
+    then cosine decay to 0 at ``num_train_steps``)."""
+    o = config.optim
+    if o.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, o.learning_rate, o.warmup_steps, max(config.num_train_steps, o.warmup_steps + 1))
+    if o.schedule == "constant":
+        if o.warmup_steps:
+            return optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps),
+                                         optax.constant_schedule(o.learning_rate)],
+                                        [o.warmup_steps])
+        return o.learning_rate
+    raise CowjaxError(f"config.optim.schedule: unknown {o.schedule!r}; 'constant' or 'cosine'")
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """Adam(b1, b2) on the schedule, after global-norm clipping when config.optim.grad_clip > 0."""
+    o = config.optim
+    adam = optax.adam(learning_rate_schedule(config), b1=o.b1, b2=o.b2)
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip), adam) if o.grad_clip else adam
+
+
+def init_params(model, config):
+    """Parameters from ``config.seed`` (float32 whatever the compute dtype)."""
+    image = jnp.zeros((1, *config.data.crop_shape, 1), jnp.float32)
+    return model.init(jax.random.key(config.seed), image)["params"]
+
+
+def create_state(params, tx) -> dict:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "nonfinite": jnp.zeros((), jnp.int32)}
+
+
+def abstract_state(model, config, tx) -> dict:
+    """Shapes and dtypes of the state, without computing it (for restoring checkpoints)."""
+    return jax.eval_shape(lambda: create_state(init_params(model, config), tx))

@@ -1,0 +1,263 @@
+"""Data-parallel training with automatic resume: ``train_and_evaluate(config, workdir)``.
+
+One jitted step ``(state, batch) -> (state, metrics)`` over a ``('data',)`` mesh of all devices:
+the batch is split over the devices, the state replicated and donated. Checkpoints are made at
+fixed steps (every ``checkpoint_every_steps`` and the last), on SIGTERM, and hold the data
+iterator's position, so a run killed at any moment and started again with the same command
+continues where the last checkpoint was and ends with the same numbers.
+
+Workdir: ``config.json`` (the resolved config and seed), ``metrics.jsonl`` (train metrics every
+``log_every_steps``, validation every ``eval_every_steps``), ``checkpoints/``, ``best/``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from cowjax import losses
+from cowjax.errors import CowjaxError, atomic_output
+from cowjax.training import checkpoint as ckpt
+from cowjax.training import state as state_lib
+
+
+def make_train_step(model, config, tx):
+    """The pure train step ``(state, batch) -> (state, metrics)``.
+
+    A non-finite loss or gradient leaves params and optimizer state unchanged (counted in
+    ``state["nonfinite"]``; metrics["finite"] tells the host, which stops or goes on according to
+    ``config.train.nonfinite``). No randomness: the step is a deterministic function of its inputs.
+    """
+    def loss_fn(params, batch):
+        outputs = model.apply({"params": params}, batch["image"])
+        return losses.total_loss(outputs, batch, config)
+
+    def step(state, batch):
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = jax.tree.map(jnp.add, state["params"], updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = {"step": state["step"] + 1,
+                     "params": keep(params, state["params"]),
+                     "opt_state": keep(opt_state, state["opt_state"]),
+                     "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32)}
+        metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "finite": finite}
+        return new_state, metrics
+
+    return step
+
+
+def make_mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+def compile_train_step(step_fn, mesh: Mesh):
+    """jit with the batch split over 'data', the state replicated and donated."""
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step_fn, in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def to_device(batch: dict, mesh: Mesh) -> dict:
+    """This process's share of a batch -> global arrays split over 'data'."""
+    sharding = NamedSharding(mesh, P("data"))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+
+def _prefetched(iterator, mesh):
+    """Yield (iterator position before the batch, device batch), one batch ahead of the caller."""
+    while True:
+        position = ckpt.iterator_state(iterator)
+        yield position, to_device(next(iterator), mesh)
+
+
+def make_eval_fn(model, config):
+    """Jitted ``(params, image [B,X,Y,Z,1]) -> coords [B,19,3]`` crop voxel coords."""
+    from cowjax.inference import decode
+    kind = "logits" if config.loss.heatmap == "softmax_ce" else "gaussian"
+
+    @jax.jit
+    def predict(params, image):
+        heatmaps = model.apply({"params": params}, image)["heatmaps"]
+        return decode.decode_heatmaps(heatmaps, stride=config.model.heatmap_stride, kind=kind)[0]
+    return predict
+
+
+def validation_mre(eval_fn, params, examples, spacing) -> float:
+    """Mean radial error (mm) over the known landmarks of the validation examples.
+
+    examples: iterable of dicts with ``image [X,Y,Z,1]``, ``landmarks [19,3]`` crop voxel coords and
+    ``landmark_mask [19]``. Voxel differences times spacing give millimetres.
+    """
+    errors = []
+    for ex in examples:
+        coords = np.asarray(eval_fn(params, np.asarray(ex["image"])[None]))[0]
+        err = np.linalg.norm((coords - ex["landmarks"]) * np.asarray(spacing), axis=-1)
+        errors.append(err[np.asarray(ex["landmark_mask"]) > 0])
+    errors = np.concatenate(errors) if errors else np.zeros(0)
+    return float(errors.mean()) if errors.size else float("nan")
+
+
+class _Metrics:
+    """JSON lines in workdir/metrics.jsonl; on resume, lines after the restored step are dropped
+    so a resumed run's file equals an uninterrupted run's."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            with atomic_output(path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
+        self.primary = jax.process_index() == 0
+
+    def write(self, record: dict) -> None:
+        if self.primary:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class _Sigterm:
+    """Remembers a SIGTERM so the loop can checkpoint and exit between steps."""
+
+    def __init__(self):
+        self.received = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def check_config(config) -> None:
+    n = jax.device_count()
+    if config.batch_size < 1 or config.batch_size % n:
+        raise CowjaxError(f"config.batch_size={config.batch_size} must be a positive multiple of "
+                          f"the {n} devices")
+    if config.train.nonfinite not in ("stop", "skip"):
+        raise CowjaxError(f"config.train.nonfinite: unknown {config.train.nonfinite!r}; "
+                          "'stop' or 'skip'")
+    for name in ("num_train_steps", "checkpoint_every_steps", "eval_every_steps",
+                 "log_every_steps"):
+        if config[name] < 1:
+            raise CowjaxError(f"config.{name}={config[name]} must be at least 1")
+
+
+def save_config(config, workdir: Path) -> None:
+    """The resolved config (with its seed) as workdir/config.json."""
+    if jax.process_index() == 0:
+        with atomic_output(workdir / "config.json") as tmp:
+            tmp.write_text(json.dumps(ckpt.config_to_dict(config), indent=2) + "\n")
+
+
+def run_training(config, workdir, model, train_iter, val_examples) -> dict:
+    """Train ``model`` on batches from ``train_iter``, resuming from the workdir's checkpoint.
+
+    train_iter: an iterator of batch dicts (this process's share) with get_state()/set_state().
+    val_examples: a re-iterable of validation examples (see ``validation_mre``).
+    Returns the last train metrics and validation MRE as a dict of floats.
+    """
+    workdir = Path(workdir)
+    check_config(config)
+    mesh = make_mesh()
+    replicated = NamedSharding(mesh, P())
+    tx = state_lib.make_optimizer(config)
+    checkpoints = ckpt.Checkpoints(workdir, config.train.keep_checkpoints)
+    if checkpoints.latest_step() is not None:
+        abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                                state_lib.abstract_state(model, config, tx))
+        state, meta = checkpoints.restore_latest(abstract)
+        ckpt.set_iterator_state(train_iter, meta["iterator"])
+    else:
+        state = state_lib.create_state(state_lib.init_params(model, config), tx)
+    state = jax.device_put(state, replicated)
+    start = int(state["step"])
+    metrics_log = _Metrics(workdir / "metrics.jsonl", start)
+    train_step = compile_train_step(make_train_step(model, config, tx), mesh)
+    eval_fn = make_eval_fn(model, config)
+
+    def save(step, position, mre=None):
+        meta = {"step": step, "nonfinite": int(state["nonfinite"]), "seed": config.seed,
+                "iterator": position, "config": ckpt.config_to_dict(config)}
+        checkpoints.save(state, meta, best_metric=mre)
+
+    summary = {}
+    batches = _prefetched(train_iter, mesh)
+    _, batch = next(batches) if start < config.num_train_steps else (None, None)
+    bar = tqdm(total=config.num_train_steps, initial=start, desc="train", unit="step",
+               disable=jax.process_index() != 0, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        with _Sigterm() as sigterm:
+            for step in range(start + 1, config.num_train_steps + 1):
+                state, metrics = train_step(state, batch)
+                last = step == config.num_train_steps
+                # Fetch the next batch while the device computes this step; `position` is where
+                # the iterator stands for step + 1 (what a checkpoint at `step` must record).
+                if last:
+                    position, batch = ckpt.iterator_state(train_iter), None
+                else:
+                    position, batch = next(batches)
+                metrics = jax.device_get(metrics)
+                if not metrics["finite"]:
+                    if config.train.nonfinite == "stop":
+                        raise CowjaxError(
+                            f"step {step}: the loss or a gradient is not finite (loss="
+                            f"{float(metrics['loss'])}); stopped, the last good checkpoint "
+                            f"(step {checkpoints.latest_step()}) is kept in {workdir}")
+                    bar.write(f"step {step}: non-finite loss or gradient, update skipped")
+                record = {k: float(v) for k, v in metrics.items() if k != "finite"}
+                summary.update(record)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()}, refresh=False)
+                bar.update(1)
+                if step % config.log_every_steps == 0 or last:
+                    metrics_log.write({"step": step, "split": "train", **record,
+                                       "skipped": int(state["nonfinite"]),
+                                       "steps_per_s": (step - start) / (time.perf_counter() - t0)})
+                mre = None
+                if step % config.eval_every_steps == 0 or last:
+                    mre = validation_mre(eval_fn, state["params"], val_examples, config.data.spacing)
+                    summary["val_mre_mm"] = mre
+                    metrics_log.write({"step": step, "split": "val", "mre_mm": mre})
+                    bar.write(f"step {step}: validation MRE {mre:.3f} mm")
+                if step % config.checkpoint_every_steps == 0 or last or sigterm.received:
+                    save(step, position, mre if mre is not None and np.isfinite(mre) else None)
+                if sigterm.received and not last:
+                    raise CowjaxError(f"SIGTERM at step {step}: checkpoint saved in {workdir}; "
+                                      "run the same command again to resume")
+    finally:
+        bar.close()
+        checkpoints.close()
+    return summary
+
+
+def train_and_evaluate(config, workdir) -> dict:
+    """Prepare the data, build the model, train (resuming if the workdir has a checkpoint)."""
+    from cowjax.data import pipeline
+    from cowjax.model import unet
+    if config.train.distributed:
+        jax.distributed.initialize()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_config(config, workdir)
+    splits = pipeline.prepare_data(config, workdir)
+    train_iter = pipeline.train_loader(config, splits["train"])
+    val_examples = list(pipeline.eval_examples(config, splits["val"]))
+    return run_training(config, workdir, unet.build_model(config), train_iter, val_examples)

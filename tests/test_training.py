@@ -1,0 +1,230 @@
+"""The train step, data parallelism, checkpoint/resume and non-finite handling, on a tiny stand-in
+model and deterministic random batches (the real model and pipeline have their own tests).
+
+Run as a script (``python tests/test_training.py OUT N_STEPS``) it trains the stand-in for N steps in
+a fresh workdir and writes the final params to OUT (.npz): the 1-vs-4-device test runs it twice.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cowjax import anatomy
+from cowjax.errors import CowjaxError
+from cowjax.training import checkpoint as ckpt
+from cowjax.training import state as state_lib
+from cowjax.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs import test as test_config  # noqa: E402
+
+
+class TinyNet(nn.Module):
+    """Stand-in with the model's output contract: image [B,X,Y,Z,1] -> the four outputs."""
+    stride: int = 1
+    width: int = 4
+
+    @nn.compact
+    def __call__(self, image):
+        h = nn.relu(nn.Conv(self.width, (3, 3, 3))(image))
+        s = self.stride
+        hm_in = nn.avg_pool(h, (s, s, s), (s, s, s)) if s > 1 else h
+        pooled = h.mean(axis=(1, 2, 3))
+        return {"heatmaps": nn.Conv(anatomy.NUM_LANDMARKS, (1, 1, 1))(hm_in),
+                "segmentation": nn.Conv(anatomy.NUM_CLASSES, (1, 1, 1))(h),
+                "landmark_attr": nn.Dense(anatomy.NUM_LANDMARKS)(pooled),
+                "segment_attr": nn.Dense(anatomy.NUM_SEGMENTS)(pooled)}
+
+
+def random_batch(config, index: int, seed: int = 0) -> dict:
+    """A deterministic batch for (seed, index): a bright blob at each landmark."""
+    r = np.random.default_rng([seed, index])
+    b, shape = config.batch_size, tuple(config.data.crop_shape)
+    lm = (r.uniform(0.2, 0.8, (b, anatomy.NUM_LANDMARKS, 3)) * np.array(shape)).astype(np.float32)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    d2 = ((grid[None, :, :, :, None, :] - lm[:, None, None, None, :, :]) ** 2).sum(-1)
+    image = np.exp(-d2 / 2.0).max(-1)[..., None].astype(np.float32)
+    return {
+        "image": image + 0.1 * r.standard_normal(image.shape).astype(np.float32),
+        "landmarks": lm,
+        "landmark_mask": (r.uniform(size=(b, anatomy.NUM_LANDMARKS)) > 0.1).astype(np.float32),
+        "segments": (image[..., 0] > 0.5).astype(np.int32) * r.integers(1, 21, (b, 1, 1, 1)),
+        "segments_mask": np.ones(b, np.float32),
+        "landmark_attr": r.integers(0, 2, (b, anatomy.NUM_LANDMARKS)).astype(np.float32),
+        "landmark_attr_mask": np.ones((b, anatomy.NUM_LANDMARKS), np.float32),
+        "segment_attr": r.integers(0, 2, (b, anatomy.NUM_SEGMENTS)).astype(np.float32),
+        "segment_attr_mask": np.ones((b, anatomy.NUM_SEGMENTS), np.float32),
+    }
+
+
+class RandomBatches:
+    """A checkpointable iterator of ``random_batch``es; ``nan_at`` poisons one batch's image."""
+
+    def __init__(self, config, seed=0, nan_at=None):
+        self.config, self.seed, self.nan_at, self.index = config, seed, nan_at, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = random_batch(self.config, self.index, self.seed)
+        if self.index == self.nan_at:
+            batch["image"][0, 0, 0, 0, 0] = np.nan
+        self.index += 1
+        return batch
+
+    def get_state(self):
+        return {"index": self.index}
+
+    def set_state(self, state):
+        self.index = state["index"]
+
+
+def val_examples(config, n=2):
+    batch = random_batch(config, 10_000)
+    return [{"image": batch["image"][i], "landmarks": batch["landmarks"][i],
+             "landmark_mask": batch["landmark_mask"][i]} for i in range(n)]
+
+
+def tiny_config(**top):
+    config = test_config.get_config()
+    config.data.crop_shape = (16, 16, 8)
+    config.data.spacing = (2.0, 2.0, 2.0)
+    config.data.heatmap_sigma_mm = 3.0
+    config.optim.learning_rate = 1e-2
+    config.update(top)
+    return config
+
+
+def run(config, workdir, **iter_kwargs):
+    return train.run_training(config, workdir, TinyNet(config.model.heatmap_stride),
+                              RandomBatches(config, **iter_kwargs), val_examples(config))
+
+
+def read_metrics(workdir, drop=("steps_per_s",)):
+    lines = Path(workdir, "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in lines]
+
+
+def test_loss_falls_when_overfitting_one_batch():
+    config = tiny_config()
+    config.loss.heatmap = "softmax_ce"
+    config.model.heatmap_stride = 2
+    model, tx = TinyNet(2), state_lib.make_optimizer(config)
+    state = state_lib.create_state(state_lib.init_params(model, config), tx)
+    step = train.compile_train_step(train.make_train_step(model, config, tx), train.make_mesh())
+    batch = train.to_device(random_batch(config, 0), train.make_mesh())
+    losses = []
+    for _ in range(12):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert int(state["step"]) == 12
+    assert np.all(np.diff(losses) < 0), losses
+    assert losses[-1] < 0.97 * losses[0], losses
+
+
+def test_resume_continues_at_the_right_step_and_equals_an_uninterrupted_run(tmp_path):
+    full = run(tiny_config(num_train_steps=4), tmp_path / "full")
+    run(tiny_config(num_train_steps=2), tmp_path / "resumed")
+    assert ckpt.Checkpoints(tmp_path / "resumed", 1).latest_step() == 2
+    resumed = run(tiny_config(num_train_steps=4), tmp_path / "resumed")
+    assert resumed["loss"] == full["loss"]                 # step 4 from restored state + iterator
+    assert resumed["val_mre_mm"] == full["val_mre_mm"]
+    got, want = read_metrics(tmp_path / "resumed"), read_metrics(tmp_path / "full")
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    assert got == want
+    assert (tmp_path / "resumed" / "best").is_dir()
+
+
+def test_seed_decides_the_initial_params_and_is_recorded(tmp_path):
+    # (Same config and seed -> identical curves is checked by the resume test above.)
+    model = TinyNet()
+    p0, p0_again, p7 = (state_lib.init_params(model, tiny_config(seed=s)) for s in (0, 0, 7))
+    same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), p0, p0_again)
+    differ = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), p0, p7)
+    assert all(jax.tree.leaves(same))
+    assert any(jax.tree.leaves(differ))
+    train.save_config(tiny_config(seed=7), tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 7
+
+
+def test_nonfinite_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_config(num_train_steps=6, checkpoint_every_steps=2, eval_every_steps=100)
+    with pytest.raises(CowjaxError, match=r"step 4: the loss or a gradient is not finite"):
+        run(config, tmp_path, nan_at=3)                     # batch index 3 is step 4
+    assert ckpt.Checkpoints(tmp_path, 1).latest_step() == 2
+
+
+def test_nonfinite_skip_mode_counts_and_goes_on(tmp_path):
+    config = tiny_config(num_train_steps=4, eval_every_steps=100)
+    config.train.nonfinite = "skip"
+    summary = run(config, tmp_path, nan_at=1)
+    assert np.isfinite(summary["loss"])
+    assert [m["skipped"] for m in read_metrics(tmp_path) if m["split"] == "train"] == [0, 1, 1, 1]
+
+
+def test_checkpoint_of_another_model_shape_is_a_clear_error(tmp_path):
+    run(tiny_config(num_train_steps=1), tmp_path)
+    config = tiny_config(num_train_steps=2)
+    with pytest.raises(CowjaxError, match="model shapes differ"):
+        train.run_training(config, tmp_path, TinyNet(width=5), RandomBatches(config),
+                           val_examples(config))
+
+
+def test_bad_config_values_are_clear_errors():
+    with pytest.raises(CowjaxError, match="batch_size"):
+        train.check_config(tiny_config(batch_size=0))
+    config = tiny_config()
+    config.train.nonfinite = "ignore"
+    with pytest.raises(CowjaxError, match="nonfinite"):
+        train.check_config(config)
+
+
+def test_config_round_trips_through_json():
+    config = test_config.get_config()
+    again = ckpt.config_from_dict(ckpt.config_to_dict(config))
+    assert again.data.crop_shape == tuple(config.data.crop_shape)
+    assert again.to_json() == config.to_json()
+
+
+def _train_and_dump(out, num_steps):
+    config = tiny_config(num_train_steps=int(num_steps), batch_size=4, eval_every_steps=100)
+    workdir = Path(out).with_suffix(".workdir")
+    model, tx = TinyNet(1), state_lib.make_optimizer(config)
+    train.run_training(config, workdir, model, RandomBatches(config), val_examples(config))
+    mgr = ckpt.Checkpoints(workdir, 1)
+    abstract = state_lib.abstract_state(model, config, tx)
+    state, _ = mgr.restore_latest(abstract)
+    leaves = jax.tree_util.tree_leaves_with_path(state["params"])
+    np.savez(out, devices=jax.device_count(),
+             **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves})
+
+
+def test_one_device_equals_four(tmp_path):
+    results = []
+    for n in (1, 4):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+               "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+        out = tmp_path / f"params{n}.npz"
+        subprocess.run([sys.executable, __file__, str(out), "2"], env=env, check=True,
+                       capture_output=True, timeout=120)
+        results.append(np.load(out))
+    one, four = results
+    assert int(one["devices"]) == 1 and int(four["devices"]) == 4
+    keys = [k for k in one.files if k != "devices"]
+    assert keys
+    for k in keys:
+        np.testing.assert_allclose(one[k], four[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+if __name__ == "__main__":
+    _train_and_dump(*sys.argv[1:])
