@@ -258,6 +258,8 @@ def train_and_evaluate(config, workdir) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     save_config(config, workdir)
     splits = pipeline.prepare_data(config, workdir)
-    train_iter = pipeline.train_loader(config, splits["train"])
-    val_examples = list(pipeline.eval_examples(config, splits["val"]))
+    # Preprocessed cases are keyed by case path and spacing, so runs side by side share the cache.
+    cache_dir = workdir.resolve().parent / "cache"
+    train_iter = pipeline.train_loader(config, splits["train"], cache_dir)
+    val_examples = pipeline.eval_examples(config, splits["val"], cache_dir)
     return run_training(config, workdir, unet.build_model(config), train_iter, val_examples)
