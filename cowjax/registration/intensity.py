@@ -141,9 +141,10 @@ def pyramid_level(image: np.ndarray, affine: np.ndarray, spacing_mm: float) -> t
     sigma = np.sqrt(np.maximum((0.5 * spacing_mm) ** 2 - (0.5 * spacing) ** 2, 0.0)) / spacing
     smooth = ndimage.gaussian_filter(np.asarray(image, np.float32), sigma, mode="nearest")
     shape = tuple(int(s) for s in np.floor((np.array(image.shape) - 1) / step) + 1)
-    grid = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, step)], indexing="ij"))
-    coarse = ndimage.map_coordinates(smooth, grid.reshape(3, -1), order=1, mode="nearest")
-    return coarse.reshape(shape).astype(np.float32), affine @ np.diag([*step, 1.0])
+    # Coarse voxel i samples original voxel i * step: a diagonal map, exact at the borders.
+    coarse = ndimage.affine_transform(smooth, step, output_shape=shape, order=1, mode="nearest",
+                                      prefilter=False)
+    return coarse, affine @ np.diag([*step, 1.0])
 
 
 def voxel_centres(affine: np.ndarray, shape) -> np.ndarray:
