@@ -520,6 +520,8 @@ def generate_case(seed: int, index: int, spacing=PAPER_SPACING, pathology_fracti
     shift = r_pose.uniform(-8, 8, 3)
     to_world = lambda p: np.asarray(p) @ rot.T + shift              # noqa: E731
     world_lm = to_world(np.stack([lm[n] for n in anatomy.LANDMARKS]))
+    for a in pathology["aneurysms"]:
+        a["centre_world"] = to_world(np.array(a["centre_subject"])).round(3).tolist()
     affine, shape = _grid(r_pose, np.vstack([world_lm, to_world(lm[anatomy.VBJ])[None]]), spacing)
 
     canvas = _Canvas(affine, shape, rot, shift)
