@@ -133,7 +133,7 @@ def overlay_png(fixed, fixed_affine, moving, moved_affine, fixed_lm, moved_lm, u
     """PNG bytes: axial and coronal MIPs of the fixed image (grey) with the moved one (orange).
 
     moved_affine: the moving image's affine already composed with the transform, so both images
-    are drawn in fixed world space. Landmarks: fixed as cyan circles, moved as orange crosses.
+    are drawn in fixed world space. Landmarks: fixed as cyan circles, moved as magenta crosses.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -153,12 +153,14 @@ def overlay_png(fixed, fixed_affine, moving, moved_affine, fixed_lm, moved_lm, u
     for k, (name, proj, h, v) in enumerate((("axial", 2, 0, 1), ("coronal", 1, 0, 2))):
         ax = fig.add_subplot(1, 2, k + 1)
         fm, mm = f.max(axis=proj), m.max(axis=proj)
-        rgb = (1 - mm)[..., None] * fm[..., None] + mm[..., None] * _ORANGE
+        # Orange at most 60% opaque, so the grey fixed image shows through where they overlap.
+        alpha = 0.6 * mm[..., None]
+        rgb = (1 - alpha) * fm[..., None] + alpha * _ORANGE
         # Rows are the vertical axis; the +v direction is drawn upwards.
         ax.imshow(np.transpose(rgb, (1, 0, 2)), origin="lower",
                   extent=(lo[h] - step / 2, hi[h] + step / 2, lo[v] - step / 2, hi[v] + step / 2))
         for pts, style in ((fixed_lm, dict(marker="o", mfc="none", mec="cyan", ms=8, mew=1.5)),
-                           (moved_lm, dict(marker="x", color=_ORANGE, ms=7, mew=1.5))):
+                           (moved_lm, dict(marker="+", color="magenta", ms=9, mew=1.5))):
             p = pts[used]
             ax.plot(p[:, h], p[:, v], ls="none", **style)
         ax.set_xlim(lo[h] - step / 2, hi[h] + step / 2)
@@ -166,7 +168,7 @@ def overlay_png(fixed, fixed_affine, moving, moved_affine, fixed_lm, moved_lm, u
         ax.set_title(f"{name} MIP")
         ax.set_xlabel("x (mm, +right)")
         ax.set_ylabel("y (mm, +anterior)" if v == 1 else "z (mm, +superior)")
-    fig.suptitle(f"{title}\ngrey: fixed, orange: moved; o fixed landmarks, x moved landmarks")
+    fig.suptitle(f"{title}\ngrey: fixed, orange: moved; cyan o: fixed landmarks, magenta +: moved")
     fig.tight_layout()
     buf = _bytes_io.BytesIO()
     fig.savefig(buf, format="png")
