@@ -235,10 +235,10 @@ def _sample_pathology(rng: np.random.Generator, lm: dict[str, np.ndarray]) -> di
             direction = away / np.linalg.norm(away) + rng.normal(0.0, 0.5, 3)
             direction /= np.linalg.norm(direction)
             dome = rng.uniform(1.0, 5.0)                              # radius: 2-10 mm diameter
-            centre = lm[site] + direction * (0.7 * dome + 0.8)
+            centre = lm[site] + direction * (0.9 * dome + 0.5)         # the neck sits on the site
             found["aneurysms"].append(dict(site=site, diameter_mm=round(2 * dome, 2),
                                            centre_subject=centre.round(2).tolist(),
-                                           brightness=round(rng.uniform(0.45, 0.95), 2)))
+                                           brightness=round(rng.uniform(0.6, 1.0), 2)))
     if not has_aneurysm or rng.uniform() < 0.4:
         # Non-variable segments: always present and never hypoplastic.
         name = str(rng.choice(["BA", "M1_R", "M1_L", "ICA_C6_R", "ICA_C6_L", "P2_R", "P2_L", "A2_R", "A2_L"]))
@@ -432,16 +432,19 @@ def _veins(rng: np.random.Generator, to_world) -> list[_vessels.Tube]:
     return tubes
 
 
-def _arterial_signal(v: dict, saturation_mm: float) -> np.ndarray:
-    """TOF brightness: inflow signal fading with path length (saturation), dimmer in slow small vessels."""
+def _arterial_signal(rng: np.random.Generator, v: dict, saturation_mm: float) -> np.ndarray:
+    """TOF brightness: inflow signal fading with path length (saturation), dimmer in slow small
+    vessels, with a gentle random modulation along the vessel (flow inhomogeneity)."""
     fresh = np.exp(-v["arc"] / saturation_mm)
-    return v["gain"] * fresh * (0.6 + 0.4 * np.clip(v["radius"] / 1.2, 0.0, 1.0))
+    wobble = 1.0 + 0.08 * np.sin(v["arc"] / rng.uniform(3.0, 12.0) + rng.uniform(0, 2 * np.pi))
+    return v["gain"] * fresh * wobble * (0.6 + 0.4 * np.clip(v["radius"] / 1.2, 0.0, 1.0))
 
 
 def _acquire(rng: np.random.Generator, img: np.ndarray, affine: np.ndarray, spacing) -> np.ndarray:
     """Blur (PSF), slab profile, bias field, Rician noise, arbitrary scale and offset."""
     spacing = np.asarray(spacing, float)
-    psf_mm = np.array([rng.uniform(0.15, 0.55), rng.uniform(0.15, 0.55), rng.uniform(0.2, 0.7)])
+    sharp = rng.uniform() < 0.75                                    # else a blurrier, low-res look
+    psf_mm = rng.uniform([0.15, 0.15, 0.2], [0.55, 0.55, 0.7] if sharp else [0.9, 0.9, 1.2])
     img = ndimage.gaussian_filter(img, psf_mm / spacing, truncate=3.0)
     shape = img.shape
     # Normalised coordinates in [-1, 1] per axis, broadcastable.
@@ -529,8 +532,11 @@ def generate_case(seed: int, index: int, spacing=PAPER_SPACING, pathology_fracti
     edge = 0.3 * float(np.prod(spacing)) ** (1 / 3)
     veins, vein_occ, _, _ = _vessels.render(_veins(r_look, to_world), affine, shape, edge)
     img = img * (1 - vein_occ) + veins
-    saturation = r_look.uniform(150, 500)
-    tubes = [_vessels.Tube(to_world(v["points"]), v["radius"], _arterial_signal(v, saturation), v["label"])
+    # Broad appearance styles: strong or weak background suppression, strong or no saturation.
+    img = img * np.float32(r_look.uniform(0.15, 0.5) if r_look.uniform() < 0.15 else 1.0)
+    saturation = r_look.uniform(150, 500) if r_look.uniform() < 0.85 else 5000.0
+    tubes = [_vessels.Tube(to_world(v["points"]), v["radius"], _arterial_signal(r_look, v, saturation),
+                           v["label"])
              for v in vessels.values()]
     lumen, occupancy, vessel_mask, segments = _vessels.render(tubes, affine, shape, edge)
     img = img * (1 - occupancy) + lumen
