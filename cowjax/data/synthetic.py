@@ -21,6 +21,7 @@ the parent vessel). Each case folder also gets ``pathology.json`` (variants, ane
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -64,13 +65,14 @@ def _sample_variants(rng: np.random.Generator) -> tuple[dict[str, float], dict[s
             radius[f"PCoA_{side}"] = rng.uniform(0.95, 1.3)
         elif u < 0.14 + 0.45:                      # absent/hypoplastic PCoA: ~45% per side overall
             shrink(f"PCoA_{side}")
-        if rng.uniform() < 0.05:
-            shrink(f"A1_{side}")
-    a1_small = kind["A1_R"] != "normal" or kind["A1_L"] != "normal"
-    if a1_small:                                   # one A1 feeds both A2 through a large ACoA
-        radius["ACoA"] = rng.uniform(0.8, 1.1)
+    if rng.uniform() < 0.1:                        # A1 deficit on one side (~5% per side), and
+        shrink(f"A1_{'R' if rng.uniform() < 0.5 else 'L'}")
+        radius["ACoA"] = rng.uniform(0.8, 1.1)     # the other A1 feeds both A2 via a large ACoA
     elif rng.uniform() < 0.07:
         kind["ACoA"], radius["ACoA"] = "absent", 0.0
+    for name in anatomy.VARIABLE_SEGMENTS:         # a naturally thin vessel is hypoplastic too
+        if kind[name] == "normal" and radius[name] < anatomy.HYPOPLASTIC_RADIUS:
+            kind[name] = "hypoplastic"
     return radius, kind
 
 
@@ -88,6 +90,15 @@ def _sample_landmarks(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return pts
 
 
+def _sided(base: str, side: str) -> str:
+    return f"{base}_{side}"
+
+
+def _side(sx: float, x: float, y: float, z: float) -> np.ndarray:
+    """An offset given for the right side, mirrored in x for the left (sx = -1)."""
+    return np.array([sx * x, y, z])
+
+
 class _Tree:
     """Vessels in flow order, each with a dense centerline, radius, path length and flow gain."""
 
@@ -97,7 +108,9 @@ class _Tree:
         self.vessels: dict[str, dict] = {}
 
     def add(self, name: str, control, r0: float, r1: float, label: int, parent: str | None = None,
-            at: int = -1, arc0: float = 0.0, brightness: float = 1.0) -> dict:
+            at: int = -1, arc0: float = 0.0, brightness: float = 1.0) -> None:
+        """Add a vessel through ``control`` [n, 3]; a child starts at point ``at`` of its parent and
+        inherits its path length and flow gain there."""
         pts = _vessels.curve(np.asarray(control), self.rng, wiggle=0.04 * self.tortuosity)
         arc = _vessels.arc_length(pts)
         gain = np.full(len(pts), brightness)
@@ -111,9 +124,7 @@ class _Tree:
             radius = radius * (1.0 - st["depth"] * np.exp(-0.5 * ((arc - s0) / st["width_mm"]) ** 2))
             # Slower, disturbed flow beyond a stenosis: less TOF signal downstream (children inherit).
             gain = gain * np.where(arc > s0, 1.0 - st["signal_loss"], 1.0)
-        v = dict(points=pts, radius=radius, arc=arc0 + arc, gain=gain, label=label)
-        self.vessels[name] = v
-        return v
+        self.vessels[name] = dict(points=pts, radius=radius, arc=arc0 + arc, gain=gain, label=label)
 
     def point(self, name: str, fraction: float) -> tuple[np.ndarray, int]:
         pts = self.vessels[name]["points"]
@@ -125,17 +136,19 @@ def _build_tree(rng: np.random.Generator, lm: dict[str, np.ndarray], radius: dic
                 kind: dict[str, str], stenoses: list[dict]) -> _Tree:
     """All arteries of one subject, in flow order (parents before children)."""
     tree = _Tree(rng, tortuosity=rng.uniform(0.3, 1.6), stenoses=stenoses)
-    j = lambda s=1.0: rng.normal(0.0, s, 3)                      # noqa: E731  control-point jitter
-    cls = lambda seg: 1 + anatomy.SEGMENT_INDEX[seg]              # noqa: E731
 
-    def seg(name: str, a: str, b: str, via, parent, at=-1, taper=(0.85, 0.97)):
+    def j(s=1.0):                                                  # control-point jitter
+        return rng.normal(0.0, s, 3)
+
+    def seg(name: str, a: str, b: str, via, parent):
+        """A cow19 segment from landmark a to b; hypoplastic ones are drawn faint and unlabelled."""
         r = radius[name]
         if r <= 0.0:
             return
-        label = cls(name) if r >= anatomy.HYPOPLASTIC_RADIUS else 0
+        label = 1 + anatomy.SEGMENT_INDEX[name] if r >= anatomy.HYPOPLASTIC_RADIUS else 0
         faint = 1.0 if label else rng.uniform(0.5, 0.8)
-        ctrl = [lm[a]] + [v for v in via] + [lm[b]]
-        tree.add(name, ctrl, r, r * rng.uniform(*taper), label, parent, at, brightness=faint)
+        tree.add(name, [lm[a], *via, lm[b]], r, r * rng.uniform(0.85, 0.97), label, parent,
+                 brightness=faint)
 
     def mid(a, b, offset, s=1.0):
         return 0.5 * (lm[a] + lm[b]) + np.asarray(offset) + j(s)
@@ -143,16 +156,17 @@ def _build_tree(rng: np.random.Generator, lm: dict[str, np.ndarray], radius: dic
     # Vertebrals rise to the VBJ (the larger one is the BA's parent for path length).
     vr = {side: rng.uniform(1.2, 1.9) for side, _ in _SIDES}
     for side, sx in _SIDES:
-        o = lambda x, y, z: lm[anatomy.VBJ] + np.array([sx * x, y, z]) + j()   # noqa: E731
-        tree.add(f"vert_{side}", [o(9, -6, -32), o(6, -4, -15), o(2.5, -1, -5), lm[anatomy.VBJ]],
+        vbj = lm[anatomy.VBJ]
+        tree.add(f"vert_{side}", [vbj + _side(sx, 9, -6, -32) + j(), vbj + _side(sx, 6, -4, -15) + j(),
+                                  vbj + _side(sx, 2.5, -1, -5) + j(), vbj],
                  vr[side], vr[side] * 0.95, 0, arc0=rng.uniform(0, 30))
     big = max(vr, key=vr.get)
     seg("BA", anatomy.VBJ, "BA_top", [mid(anatomy.VBJ, "BA_top", (rng.uniform(-3, 3), 1.0, 0.0))],
         f"vert_{big}")
 
     for side, sx in _SIDES:
-        n = lambda base: f"{base}_{side}"                          # noqa: E731
-        o = lambda x, y, z: np.array([sx * x, y, z])               # noqa: E731
+        n = functools.partial(_sided, side=side)
+        o = functools.partial(_side, sx)
         p = lm[n("ICA_prox")]
         r_ica = radius[n("ICA_C6")]
         # Petrous/cavernous ICA (the siphon) below ICA_prox, drawn from below so flow runs upward.
@@ -169,9 +183,9 @@ def _build_tree(rng: np.random.Generator, lm: dict[str, np.ndarray], radius: dic
             tree.add(n("achor"), [q, q + o(3, -3, 1), q + o(8, -10, 3) + j(), q + o(12, -18, 6) + j(2)],
                      rng.uniform(0.35, 0.5), 0.3, 0, n("ICA_C7"), i)
         seg(n("M1"), n("ICA_term"), n("M1_M2"), [mid(n("ICA_term"), n("M1_M2"), (0, 1, -1))], n("ICA_C7"))
-        for _ in range(rng.integers(2, 5)):                         # lenticulostriates
+        for k in range(rng.integers(2, 5)):                         # lenticulostriates
             q, i = tree.point(n("M1"), rng.uniform(0.15, 0.65))
-            tree.add(n(f"lsa{i}"), [q, q + np.array([rng.uniform(-2, 2), rng.uniform(-3, 1), 6]),
+            tree.add(n(f"lsa{k}"), [q, q + np.array([rng.uniform(-2, 2), rng.uniform(-3, 1), 6]),
                                     q + np.array([rng.uniform(-3, 3), rng.uniform(-4, 2), 14])],
                      rng.uniform(0.3, 0.45), 0.25, 0, n("M1"), i)
         seg(n("M2"), n("M1_M2"), n("M2_end"), [mid(n("M1_M2"), n("M2_end"), o(2, 1, -1))], n("M1"))
@@ -184,14 +198,14 @@ def _build_tree(rng: np.random.Generator, lm: dict[str, np.ndarray], radius: dic
                      n("M2"))
 
     for side, sx in _SIDES:                                         # anterior circulation
-        n = lambda base: f"{base}_{side}"                           # noqa: E731
-        o = lambda x, y, z: np.array([sx * x, y, z])                # noqa: E731
+        n = functools.partial(_sided, side=side)
+        o = functools.partial(_side, sx)
         seg(n("A1"), n("ICA_term"), n("A1_A2"), [mid(n("ICA_term"), n("A1_A2"), (0, 2, 1))], n("ICA_C7"))
-    feed = "A1_R" if "A1_R" in tree.vessels and kind["A1_R"] == "normal" else "A1_L"
+    feed = "A1_R" if kind["A1_R"] == "normal" else "A1_L"
     seg("ACoA", "A1_A2_R", "A1_A2_L", [mid("A1_A2_R", "A1_A2_L", (0, 0.4, 0.3), 0.3)], feed)
     for side, sx in _SIDES:
-        n = lambda base: f"{base}_{side}"                           # noqa: E731
-        o = lambda x, y, z: np.array([sx * x, y, z])                # noqa: E731
+        n = functools.partial(_sided, side=side)
+        o = functools.partial(_side, sx)
         parent = n("A1") if kind[n("A1")] == "normal" else "ACoA"
         seg(n("A2"), n("A1_A2"), n("A2_end"), [mid(n("A1_A2"), n("A2_end"), (0, 1.5, -1), 0.7)], parent)
         q = lm[n("A2_end")]
@@ -201,16 +215,15 @@ def _build_tree(rng: np.random.Generator, lm: dict[str, np.ndarray], radius: dic
                  rng.uniform(0.6, 0.8), 0.45, 0, n("A2"))
 
     for side, sx in _SIDES:                                         # posterior circulation
-        n = lambda base: f"{base}_{side}"                           # noqa: E731
-        o = lambda x, y, z: np.array([sx * x, y, z])                # noqa: E731
-        if "BA" in tree.vessels:
-            q, i = tree.point("BA", rng.uniform(0.85, 0.93))        # superior cerebellar
-            tree.add(n("SCA"), [q, q + o(5, -1, 0) + j(0.5), q + o(10, -5, -1) + j(), q + o(14, -12, 0) + j(2),
-                                q + o(15, -20, 2) + j(2)], rng.uniform(0.65, 0.9), 0.5, 0, "BA", i)
-            if rng.uniform() < 0.7:                                 # anterior inferior cerebellar
-                q, i = tree.point("BA", rng.uniform(0.2, 0.45))
-                tree.add(n("AICA"), [q, q + o(6, -2, -2) + j(), q + o(13, -6, -4) + j(), q + o(18, -12, -6) + j(2)],
-                         rng.uniform(0.5, 0.7), 0.4, 0, "BA", i)
+        n = functools.partial(_sided, side=side)
+        o = functools.partial(_side, sx)
+        q, i = tree.point("BA", rng.uniform(0.85, 0.93))            # superior cerebellar
+        tree.add(n("SCA"), [q, q + o(5, -1, 0) + j(0.5), q + o(10, -5, -1) + j(), q + o(14, -12, 0) + j(2),
+                            q + o(15, -20, 2) + j(2)], rng.uniform(0.65, 0.9), 0.5, 0, "BA", i)
+        if rng.uniform() < 0.7:                                     # anterior inferior cerebellar
+            q, i = tree.point("BA", rng.uniform(0.2, 0.45))
+            tree.add(n("AICA"), [q, q + o(6, -2, -2) + j(), q + o(13, -6, -4) + j(), q + o(18, -12, -6) + j(2)],
+                     rng.uniform(0.5, 0.7), 0.4, 0, "BA", i)
         seg(n("P1"), "BA_top", n("P1_P2"), [mid("BA_top", n("P1_P2"), (0, 0.5, 1), 0.5)], "BA")
         seg(n("PCoA"), n("ICA_PCoA"), n("P1_P2"), [mid(n("ICA_PCoA"), n("P1_P2"), o(0.5, 0, -1))], n("ICA_C6"))
         parent = n("P1") if kind[n("P1")] == "normal" else n("PCoA")
@@ -521,7 +534,10 @@ def generate_case(seed: int, index: int, spacing=PAPER_SPACING, pathology_fracti
 
     rot = _rotation(r_pose.uniform(-10, 10, 3))
     shift = r_pose.uniform(-8, 8, 3)
-    to_world = lambda p: np.asarray(p) @ rot.T + shift              # noqa: E731
+
+    def to_world(points):                                           # subject frame -> world RAS
+        return np.asarray(points) @ rot.T + shift
+
     world_lm = to_world(np.stack([lm[n] for n in anatomy.LANDMARKS]))
     for a in pathology["aneurysms"]:
         a["centre_world"] = to_world(np.array(a["centre_subject"])).round(3).tolist()
