@@ -1,0 +1,218 @@
+"""``--mode=eval``: predict every case with ground truth, score it, write the report and figures.
+
+Per run, under ``RUN/eval/<name>/`` (name: the data directory's basename, or "test" for the run's
+own test split from ``RUN/split.json``): ``report.json``, ``report.md``, ``landmark_errors.png`` and
+``mip_<case>.png`` for a few cases; with several runs also ``comparison.png`` in the first run's
+folder. Only landmarks with ground truth count; the report says how many.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cowjax import anatomy
+from cowjax.data import io, preprocess
+from cowjax.errors import CowjaxError, atomic_output
+from cowjax.inference import figures, metrics
+from cowjax.inference.predict import Predictor
+
+NUM_MIP_CASES = 3
+GROUPS = ("all", "complete", "variant")
+
+
+def _truth_attributes(case: io.Case, part: str, names) -> tuple[np.ndarray, np.ndarray]:
+    """(values, known mask) from the case's attributes.json part ("segments"/"landmarks")."""
+    given = (case.attributes or {}).get(part, {})
+    values = np.array([bool(given.get(n, False)) for n in names])
+    return values, np.array([n in given for n in names])
+
+
+def score_case(predictor: Predictor, case: io.Case) -> dict:
+    """Predict one case and compare with its ground truth. Arrays per case, NaN where unknown."""
+    start = time.perf_counter()
+    pred = predictor.predict(case.image, case.affine, segmentation=case.segments is not None)
+    seconds = time.perf_counter() - start
+    seg_true, seg_known = _truth_attributes(case, "segments", anatomy.SEGMENTS)
+    lm_true, lm_known = _truth_attributes(case, "landmarks", anatomy.LANDMARKS)
+    variable = anatomy.VARIABLE_SEGMENT_MASK
+    complete = bool(seg_true[variable].all()) if seg_known[variable].all() else None
+    dice = (metrics.dice(pred.segmentation, case.segments, anatomy.NUM_CLASSES)
+            if case.segments is not None else np.full(anatomy.NUM_SEGMENTS, np.nan))
+    return {
+        "case_id": case.case_id, "seconds": seconds, "complete": complete,
+        "errors_mm": metrics.landmark_errors(pred.landmarks, case.landmarks),
+        "dice": dice,
+        "segment_attr": (pred.present_prob > 0.5, seg_true, seg_known),
+        "landmark_attr": (pred.bifurcation_prob > 0.5, lm_true, lm_known),
+        "pred_landmarks": pred.landmarks, "confidence": pred.confidence,
+    }
+
+
+def _nan_to_none(x):
+    x = float(x)
+    return None if not np.isfinite(x) else x
+
+
+def summarize(records: list[dict]) -> dict:
+    """Metrics over cases: MRE, median, SDR, per landmark; Dice; attribute accuracy; counts."""
+    if not records:
+        return {"num_cases": 0}
+    err = np.stack([r["errors_mm"] for r in records])            # [N, 19]
+    dice = np.stack([r["dice"] for r in records])                 # [N, 20]
+    out = {"num_cases": len(records),
+           "num_landmarks": int(np.isfinite(err).sum()),
+           "mre_mm": _nan_to_none(metrics.mre(err)),
+           "median_mm": _nan_to_none(np.nanmedian(err)) if np.isfinite(err).any() else None,
+           "std_mm": _nan_to_none(np.nanstd(err)) if np.isfinite(err).any() else None,
+           "sdr": {str(r): _nan_to_none(metrics.sdr(err, r)) for r in metrics.SDR_RADII_MM},
+           "per_landmark_mre_mm": {n: _nan_to_none(v)
+                                   for n, v in zip(anatomy.LANDMARKS, metrics.mre(err, axis=0))},
+           "per_landmark_count": {n: int(c) for n, c in zip(anatomy.LANDMARKS,
+                                                           np.isfinite(err).sum(axis=0))},
+           "num_cases_with_segments": int(np.isfinite(dice).any(axis=1).sum()),
+           "dice_mean": _nan_to_none(np.nanmean(dice)) if np.isfinite(dice).any() else None,
+           "dice_per_segment": {n: _nan_to_none(v) for n, v in zip(
+               anatomy.SEGMENTS, metrics.mre(dice, axis=0))},  # mre = NaN-ignoring mean
+           "seconds_per_case": float(np.mean([r["seconds"] for r in records]))}
+    for key in ("segment_attr", "landmark_attr"):
+        pred, true, known = (np.stack([r[key][i] for r in records]) for i in range(3))
+        out[f"{key}_accuracy"] = _nan_to_none(metrics.accuracy(pred, true, known))
+        out[f"{key}_count"] = int(known.sum())
+    return out
+
+
+def _group(records, name):
+    if name == "all":
+        return records
+    return [r for r in records if r["complete"] is (name == "complete")]
+
+
+def _fmt(v, scale=1.0, digits=2):
+    return "n/a" if v is None else f"{v * scale:.{digits}f}"
+
+
+def markdown(run: str, data_name: str, report: dict) -> str:
+    """report.md: the summary table per group, then per-landmark MRE and per-segment Dice."""
+    groups = report["groups"]
+    lines = [f"# Evaluation of `{run}` on `{data_name}`", "",
+             f"Checkpoint config heatmap loss: {report['heatmap_loss']}; decode: {report['decode']}.",
+             "Only landmarks with ground truth count. Complete circle = all 7 variable segments "
+             "present (from attributes.json); variant = at least one absent.", "",
+             "| | " + " | ".join(GROUPS) + " |", "|---|" + "---|" * len(GROUPS)]
+    rows = [("cases", lambda g: str(g["num_cases"])),
+            ("landmarks with ground truth", lambda g: str(g.get("num_landmarks", 0))),
+            ("MRE (mm)", lambda g: f"{_fmt(g.get('mre_mm'))} ± {_fmt(g.get('std_mm'))}"),
+            ("median error (mm)", lambda g: _fmt(g.get("median_mm")))]
+    rows += [(f"SDR {r} mm (%)", lambda g, r=r: _fmt((g.get("sdr") or {}).get(str(r)), 100, 1))
+             for r in metrics.SDR_RADII_MM]
+    rows += [("Dice, mean over segments", lambda g: _fmt(g.get("dice_mean"), 1, 3)),
+             ("segment presence accuracy (%)",
+              lambda g: _fmt(g.get("segment_attr_accuracy"), 100, 1)),
+             ("landmark bifurcation accuracy (%)",
+              lambda g: _fmt(g.get("landmark_attr_accuracy"), 100, 1)),
+             ("seconds per case", lambda g: _fmt(g.get("seconds_per_case")))]
+    for label, f in rows:
+        lines.append(f"| {label} | " + " | ".join(f(groups[k]) for k in GROUPS) + " |")
+    overall = groups["all"]
+    lines += ["", "## Per landmark (all cases)", "", "| landmark | MRE (mm) | n |", "|---|---|---|"]
+    for n in anatomy.LANDMARKS:
+        lines.append(f"| {n} | {_fmt(overall['per_landmark_mre_mm'][n])} | "
+                     f"{overall['per_landmark_count'][n]} |")
+    lines += ["", "## Dice per segment (all cases)", "", "| segment | Dice |", "|---|---|"]
+    for n in anatomy.SEGMENTS:
+        lines.append(f"| {n} | {_fmt(overall['dice_per_segment'][n], 1, 3)} |")
+    lines += ["", "## Figures", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in report["figures"]]
+    return "\n".join(lines) + "\n"
+
+
+def _case_dirs(workdir: Path, data_dir) -> tuple[str, list[Path]]:
+    if data_dir is not None:
+        return Path(data_dir).name, io.list_cases(data_dir)
+    split = workdir / "split.json"
+    if not split.is_file():
+        raise CowjaxError(f"{split}: not found; pass --data_dir to evaluate on cases with ground truth")
+    try:
+        test = json.loads(split.read_text())["test"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CowjaxError(f"{split}: no test split ({e})")
+    if not test:
+        raise CowjaxError(f"{split}: the test split is empty")
+    return "test", [Path(d) for d in test]
+
+
+def _mip_figure(path, case: io.Case, record: dict) -> Path:
+    """MIP of the case on a RAS-aligned grid at its finest spacing, true and predicted landmarks."""
+    spacing = float(np.min(np.linalg.norm(case.affine[:3, :3], axis=0)))
+    grid_affine, grid_shape = preprocess.canonical_grid(case.affine, case.image.shape, (spacing,) * 3)
+    image = preprocess.resample(case.image, case.affine, grid_affine, grid_shape, order=1)
+    mre = metrics.mre(record["errors_mm"])
+    return figures.landmark_mips(path, image, grid_affine, case.landmarks, record["pred_landmarks"],
+                                 f"{case.case_id}: MRE {float(mre):.2f} mm")
+
+
+def _json_default(v):
+    if isinstance(v, (np.floating, np.integer, np.bool_)):
+        return v.item()
+    raise TypeError(type(v))
+
+
+def evaluate_run(workdir, data_dir=None) -> tuple[dict, dict, Path]:
+    """Evaluate one run: (report dict, per-landmark errors [N, 19], output folder)."""
+    from tqdm import tqdm
+    workdir = Path(workdir)
+    name, case_dirs = _case_dirs(workdir, data_dir)
+    predictor = Predictor.from_workdir(workdir)
+    out_dir = workdir / "eval" / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records, figs = [], []
+    for i, d in enumerate(tqdm(case_dirs, desc=f"eval {workdir.name}", unit="case")):
+        case = io.load_case(d)
+        records.append(score_case(predictor, case))
+        if i < NUM_MIP_CASES:
+            figs.append(_mip_figure(out_dir / f"mip_{case.case_id}.png", case, records[-1]))
+    errors = np.stack([r["errors_mm"] for r in records])
+    figs.insert(0, figures.landmark_error_bars(out_dir / "landmark_errors.png",
+                                               {workdir.name: errors}))
+    report = {"run": str(workdir), "data": name, "cases": [r["case_id"] for r in records],
+              "heatmap_loss": predictor.config.loss.heatmap, "decode": predictor.kind + ", quadratic",
+              "groups": {g: summarize(_group(records, g)) for g in GROUPS},
+              "per_case_mre_mm": {r["case_id"]: _nan_to_none(metrics.mre(r["errors_mm"]))
+                                  for r in records},
+              "figures": [str(f) for f in figs]}
+    with atomic_output(out_dir / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1, default=_json_default))
+    with atomic_output(out_dir / "report.md") as tmp:
+        tmp.write_text(markdown(workdir.name, name, report))
+    return report, errors, out_dir
+
+
+def run_eval(workdirs, data_dir=None) -> dict[str, dict]:
+    """Evaluate each run on ``data_dir`` (cases with ground truth) or, when None, on its own test
+    split; print the summaries and where the reports are. Returns {workdir: report}."""
+    reports, errors, dirs = {}, {}, []
+    for w in workdirs:
+        report, err, out_dir = evaluate_run(w, data_dir)
+        reports[str(w)], errors[Path(w).name] = report, err
+        dirs.append(out_dir)
+        g = report["groups"]["all"]
+        sdr = " ".join(f"{r}mm {_fmt(g['sdr'][str(r)], 100, 1)}%" for r in metrics.SDR_RADII_MM)
+        print(f"{w}: {g['num_cases']} cases, {g['num_landmarks']} landmarks with ground truth: "
+              f"MRE {_fmt(g['mre_mm'])} mm (median {_fmt(g['median_mm'])}), SDR {sdr}, "
+              f"Dice {_fmt(g['dice_mean'], 1, 3)}, segment presence acc "
+              f"{_fmt(g['segment_attr_accuracy'], 100, 1)}%, bifurcation acc "
+              f"{_fmt(g['landmark_attr_accuracy'], 100, 1)}%")
+        print(f"  report: {out_dir / 'report.md'} (figures in {out_dir})")
+    if len(workdirs) > 1:
+        names = [Path(w).name for w in workdirs]
+        if len(set(names)) < len(names):
+            names = [str(w) for w in workdirs]
+        summaries = {n: r["groups"]["all"] for n, r in zip(names, reports.values())}
+        comp = figures.compare_runs(dirs[0] / "comparison.png", summaries)
+        figures.landmark_error_bars(dirs[0] / "landmark_errors_runs.png",
+                                    dict(zip(names, errors.values())))
+        print(f"comparison of {len(workdirs)} runs: {comp}")
+    return reports

@@ -1,0 +1,220 @@
+"""Whole-volume prediction: world coordinates for any affine and size, output files, evaluation."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from configs import test as test_config
+from cowjax import anatomy
+from cowjax.data import io
+from cowjax.errors import CowjaxError
+from cowjax.inference import evaluate, predict
+from cowjax.model import unet
+
+L = anatomy.NUM_LANDMARKS
+
+
+def _config(stride=1):
+    c = test_config.get_config()
+    c.model.heatmap_stride = stride
+    return c
+
+
+def _blob_image(affine, shape, centre_ras, sigma_mm=12.0, noise=0.0, seed=0):
+    """A Gaussian blob at a world position on a zero background, sampled on (affine, shape).
+
+    Wide enough that intensity normalisation (99.9th percentile -> 1, clipped at 3) keeps its top."""
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    world = ijk @ affine[:3, :3].T + affine[:3, 3]
+    img = np.exp(-0.5 * ((world - centre_ras) ** 2).sum(-1) / sigma_mm**2)
+    return (img + noise * np.random.default_rng(seed).random(shape)).astype(np.float32)
+
+
+def _affine(spacing, rotation_deg=0.0, flip=(1, 1, 1), origin=(-40.0, -35.0, -30.0)):
+    t = np.deg2rad(rotation_deg)
+    rot = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+    a = np.eye(4)
+    a[:3, :3] = rot @ np.diag(np.array(flip) * np.array(spacing))
+    a[:3, 3] = origin
+    return a
+
+
+class _EchoNet:
+    """Stands in for the network: every heatmap channel is the input window itself (block-averaged
+    for stride 2), so the decoded peak is the blob's centre whatever windows were used."""
+
+    def __init__(self, stride):
+        self.stride = stride
+
+    def __call__(self, params, images):
+        x = np.asarray(images)
+        b, nx, ny, nz, _ = x.shape
+        s = self.stride
+        heat = x.reshape(b, nx // s, s, ny // s, s, nz // s, s).mean(axis=(2, 4, 6))
+        return {"heatmaps": np.repeat(heat[..., None], L, axis=-1),
+                "segmentation": np.zeros((b, nx, ny, nz, anatomy.NUM_CLASSES), np.float32),
+                "bifurcation_prob": np.full((b, L), 0.5, np.float32),
+                "present_prob": np.full((b, anatomy.NUM_SEGMENTS), 0.5, np.float32)}
+
+
+def _echo_predictor(stride):
+    config = _config(stride)
+    pred = predict.Predictor(config, params=None)
+    pred._forward = _EchoNet(stride)
+    return pred
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("affine, shape", [
+    (_affine((1.5, 1.5, 1.5)), (40, 40, 30)),                            # smaller than the window
+    (_affine((1.2, 0.9, 2.0), 30.0, (-1, -1, 1), (24.0, 39.0, -24.0)), (60, 70, 30)),  # LPS, oblique
+    (_affine((2.0, 2.0, 2.0), origin=(-60.0, -80.0, -50.0)), (90, 85, 60)),  # sliding windows
+])
+def test_world_coordinates_survive_any_affine_and_size(stride, affine, shape):
+    centre = np.array([4.0, -2.5, 1.3])
+    pred = _echo_predictor(stride).predict(_blob_image(affine, shape, centre), affine)
+    assert pred.landmarks.shape == (L, 3) and pred.confidence.shape == (L,)
+    # Grid spacing is 3 mm; the peak is recovered to a fraction of a voxel.
+    np.testing.assert_allclose(pred.landmarks, np.broadcast_to(centre, (L, 3)), atol=0.5)
+
+
+def test_sliding_windows_cover_a_large_volume():
+    starts, central = predict._window_starts(center=40.0, size=100, window=32, step=8, align=2)
+    assert starts == [16, 24, 32] and central == 1
+    # A window larger than the volume is centred as well as it can be, one window.
+    starts, central = predict._window_starts(center=5.0, size=12, window=32, step=8, align=1)
+    assert len(starts) == 1 and -20 <= starts[0] <= 0
+    # Windows cut from one field blend back to that field wherever they cover it.
+    field = np.random.default_rng(0).random((6, 5, 6, 2)).astype(np.float32)
+    starts = np.array([[0, 0, 0], [2, 1, 2], [2, 0, 0], [0, 1, 2]])
+    windows = np.stack([field[a:a + 4, b:b + 4, c:c + 4] for a, b, c in starts])
+    blended = predict._blend(windows, starts, (6, 5, 6))
+    covered = np.zeros((6, 5, 6), bool)
+    for a, b, c in starts:
+        covered[a:a + 4, b:b + 4, c:c + 4] = True
+    np.testing.assert_allclose(blended[covered], field[covered], rtol=1e-6)
+
+
+# ----------------------------------------------------------------- with a checkpointed random model
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A run directory holding a checkpoint of a randomly initialised tiny model."""
+    from cowjax.training import checkpoint, state as state_lib
+    config = _config()
+    model = unet.build_model(config)
+    tx = state_lib.make_optimizer(config)
+    state = state_lib.create_state(unet.init_params(model, jax.random.key(0)), tx)
+    wd = tmp_path_factory.mktemp("run")
+    ckpts = checkpoint.Checkpoints(wd, keep=1)
+    ckpts.save(state, {"step": 0, "nonfinite": 0, "seed": 0,
+                       "config": checkpoint.config_to_dict(config)}, best_metric=1.0)
+    ckpts.close()
+    return wd
+
+
+def _image():
+    affine = _affine((1.5, 1.5, 1.5))
+    return _blob_image(affine, (40, 36, 30), np.array([0.0, 0.0, 0.0]), noise=0.3), affine
+
+
+def test_ras_and_lps_storage_give_same_world_landmarks(workdir, tmp_path):
+    img, affine = _image()
+    # The same image stored LPS-ordered: first two axes reversed, affine compensating.
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = np.array(img.shape[:2]) - 1
+    io.save_image(tmp_path / "ras.nii.gz", img, affine)
+    io.save_image(tmp_path / "lps.nii.gz", img[::-1, ::-1], affine @ flip)
+    predictor = predict.Predictor.from_workdir(workdir)
+    a = predictor.predict(*io.load_image(tmp_path / "ras.nii.gz"))
+    b = predictor.predict(*io.load_image(tmp_path / "lps.nii.gz"))
+    np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-3)
+    np.testing.assert_allclose(a.present_prob, b.present_prob, atol=1e-4)
+
+
+def test_every_output_format_reads_back(workdir, tmp_path):
+    img, affine = _image()
+    io.save_image(tmp_path / "img.nii.gz", img, affine)
+    expected = predict.Predictor.from_workdir(workdir).predict(img, affine)
+    for name in ("out.mrk.json", "out.csv", "out.json"):
+        predict.run_predict(workdir, tmp_path / "img.nii.gz", tmp_path / name,
+                            save_segmentation=name == "out.json")
+    for name in ("out.mrk.json", "out.csv"):
+        np.testing.assert_allclose(io.read_landmarks(tmp_path / name), expected.landmarks, atol=1e-3)
+    doc = json.loads((tmp_path / "out.json").read_text())
+    got = np.array([doc["landmarks"][n]["position_ras_mm"] for n in anatomy.LANDMARKS])
+    np.testing.assert_allclose(got, expected.landmarks, atol=1e-6)
+    assert set(doc["segments"]) == set(anatomy.SEGMENTS)
+    assert all(0 <= v["bifurcation_prob"] <= 1 for v in doc["landmarks"].values())
+    seg, seg_affine = io._load_volume(tmp_path / "out_segments.nii.gz")[:2]
+    assert seg.shape == img.shape and seg.dtype == np.uint8 and seg.max() <= anatomy.NUM_SEGMENTS
+    np.testing.assert_allclose(seg_affine, affine, atol=1e-5)
+
+
+def test_directories_of_cases_and_of_images(workdir, tmp_path):
+    img, affine = _image()
+    for cid in ("case_a", "case_b"):
+        io.save_case(tmp_path / "cases" / cid,
+                     io.Case(cid, img, affine, np.full((L, 3), np.nan)))
+    (tmp_path / "images").mkdir()
+    io.save_image(tmp_path / "images" / "x1.nii.gz", img, affine)
+    predict.run_predict(workdir, tmp_path / "cases", tmp_path / "out_cases")
+    predict.run_predict(workdir, tmp_path / "images", tmp_path / "out_images", save_segmentation=True)
+    names = sorted(p.name for p in (tmp_path / "out_cases").iterdir())
+    assert names == ["case_a.json", "case_a.mrk.json", "case_b.json", "case_b.mrk.json"]
+    names = sorted(p.name for p in (tmp_path / "out_images").iterdir())
+    assert names == ["x1.json", "x1.mrk.json", "x1_segments.nii.gz"]
+    assert np.all(np.isfinite(io.read_landmarks(tmp_path / "out_cases" / "case_b.mrk.json")))
+
+
+def test_bad_inputs_raise_one_clear_error(workdir, tmp_path):
+    img, affine = _image()
+    io.save_image(tmp_path / "img.nii.gz", img, affine)
+    (tmp_path / "broken.nii.gz").write_bytes(b"not a nifti")
+    (tmp_path / "empty_run").mkdir()
+    (tmp_path / "images").mkdir()
+    io.save_image(tmp_path / "images" / "x.nii.gz", img, affine)
+    cases = [
+        (tmp_path / "empty_run", tmp_path / "img.nii.gz", tmp_path / "o.json", "no checkpoint"),
+        (workdir, tmp_path / "broken.nii.gz", tmp_path / "o.json", "broken.nii.gz"),
+        (workdir, tmp_path / "img.nii.gz", tmp_path / "o.txt", "unknown output type"),
+        (workdir, tmp_path / "img.nii.gz", tmp_path / "missing" / "o.json", "does not exist"),
+        (workdir, tmp_path / "nothing.nii.gz", tmp_path / "o.json", "not found"),
+        (workdir, tmp_path / "images", tmp_path / "a" / "b", "does not exist"),
+        (workdir, tmp_path / "images", tmp_path / "img.nii.gz", "must be a directory"),
+    ]
+    for run, inp, out, message in cases:
+        with pytest.raises(CowjaxError, match=message):
+            predict.run_predict(run, inp, out)
+    assert not (tmp_path / "o.json").exists() and not (tmp_path / "o.txt").exists()
+
+
+def test_eval_scores_cases_and_writes_the_report(workdir, tmp_path, capsys):
+    img, affine = _image()
+    truth = np.random.default_rng(1).uniform(-10, 10, (L, 3))
+    truth[3] = np.nan
+    segments = np.zeros(img.shape, np.uint8)
+    segments[10:20, 10:20, 10:15] = 1
+    present = {n: n != "ACoA" for n in anatomy.SEGMENTS}
+    attrs = {"segments": present,
+             "landmarks": anatomy.landmark_dict(anatomy.landmark_attributes(
+                 np.array([present[n] for n in anatomy.SEGMENTS])))}
+    io.save_case(tmp_path / "data" / "c1", io.Case("c1", img, affine, truth, segments=segments,
+                                                   attributes=attrs))
+    io.save_case(tmp_path / "data" / "c2", io.Case("c2", img, affine, truth))
+    reports = evaluate.run_eval([workdir], tmp_path / "data")
+    report = reports[str(workdir)]
+    out = workdir / "eval" / "data"
+    assert (out / "report.json").is_file() and (out / "report.md").is_file()
+    assert (out / "landmark_errors.png").is_file() and (out / "mip_c1.png").is_file()
+    pred = predict.Predictor.from_workdir(workdir).predict(img, affine)
+    err = np.linalg.norm(pred.landmarks - truth, axis=-1)
+    g = report["groups"]["all"]
+    assert g["num_cases"] == 2 and g["num_landmarks"] == 2 * (L - 1)
+    assert g["mre_mm"] == pytest.approx(np.nanmean(err), abs=1e-3)
+    assert g["num_cases_with_segments"] == 1 and g["segment_attr_count"] == anatomy.NUM_SEGMENTS
+    assert report["groups"]["variant"]["num_cases"] == 1
+    assert report["groups"]["complete"]["num_cases"] == 0
+    assert "report.md" in capsys.readouterr().out
