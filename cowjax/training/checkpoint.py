@@ -57,7 +57,7 @@ def _manager(directory: Path, keep: int, best: bool = False, read_only: bool = F
     # Synchronous saves: checkpoints are small next to a step, and a finished save() is on disk.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=False, read_only=read_only,
-        create=not read_only,
+        create=not read_only, cleanup_tmp_directories=not read_only,
         best_fn=(lambda m: m[BEST_METRIC]) if best else None, best_mode="min")
     handlers = {"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     if not best:
