@@ -176,7 +176,8 @@ def test_cli_writes_complete_cases_equal_to_generate_case(tmp_path):
 
 @pytest.mark.parametrize("args", [["--num", 0], ["--num", 1, "--spacing", "1,2"],
                                   ["--num", 1, "--spacing", "a,b,c"], ["--num", 1, "--seed", -1],
-                                  ["--num", 1, "--pathology", 2], ["--num", "x"]])
+                                  ["--num", 1, "--pathology", 2], ["--num", "x"],
+                                  ["--num", 1, "--spacing", "0.001,1,1"]])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args):
     try:
         code = synthetic.main([str(tmp_path / "x"), *map(str, args)])

@@ -289,8 +289,9 @@ def _grid(rng: np.random.Generator, world_points: np.ndarray, spacing) -> tuple[
     """A (sometimes oblique) voxel grid covering ``world_points`` [N, 3] with a random margin."""
     rot = _rotation(rng.uniform(-12, 12, 3)) if rng.uniform() < 0.3 else np.eye(3)
     q = world_points @ rot                                          # grid-frame coordinates
-    margin_lo = rng.uniform([8, 8, 6], [25, 25, 18])
-    margin_hi = rng.uniform([8, 8, 6], [25, 25, 18])
+    # Mostly a tight slab around the circle, sometimes a much wider field of view.
+    lo_mm, hi_mm = ([8, 8, 6], [25, 25, 18]) if rng.uniform() < 0.8 else ([15, 15, 10], [40, 40, 30])
+    margin_lo, margin_hi = rng.uniform(lo_mm, hi_mm), rng.uniform(lo_mm, hi_mm)
     lo, hi = q.min(0) - margin_lo, q.max(0) + margin_hi
     spacing = np.asarray(spacing, dtype=np.float64)
     shape = tuple(int(n) for n in np.ceil((hi - lo) / spacing) + 1)
@@ -657,8 +658,9 @@ def _parse_spacing(text: str) -> tuple[float, float, float]:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
-        raise CowjaxError(f"--spacing must be three positive numbers like 0.513,0.513,0.8, got {text!r}")
+    if len(values) != 3 or not all(0.1 <= v <= 10.0 for v in values):
+        raise CowjaxError(f"--spacing must be three numbers in [0.1, 10] mm like 0.513,0.513,0.8, "
+                          f"got {text!r}")
     return values
 
 
