@@ -105,7 +105,8 @@ def markdown(run: str, data_name: str, report: dict) -> str:
              "| | " + " | ".join(GROUPS) + " |", "|---|" + "---|" * len(GROUPS)]
     rows = [("cases", lambda g: str(g["num_cases"])),
             ("landmarks with ground truth", lambda g: str(g.get("num_landmarks", 0))),
-            ("MRE (mm)", lambda g: f"{_fmt(g.get('mre_mm'))} ± {_fmt(g.get('std_mm'))}"),
+            ("MRE ± sd (mm)", lambda g: "n/a" if g.get("mre_mm") is None
+             else f"{_fmt(g['mre_mm'])} ± {_fmt(g['std_mm'])}"),
             ("median error (mm)", lambda g: _fmt(g.get("median_mm")))]
     rows += [(f"SDR {r} mm (%)", lambda g, r=r: _fmt((g.get("sdr") or {}).get(str(r)), 100, 1))
              for r in metrics.SDR_RADII_MM]
@@ -136,12 +137,15 @@ def _case_dirs(workdir: Path, data_dir) -> tuple[str, list[Path]]:
     if not split.is_file():
         raise CowjaxError(f"{split}: not found; pass --data_dir to evaluate on cases with ground truth")
     try:
-        test = json.loads(split.read_text())["test"]
+        recorded = json.loads(split.read_text())
+        test = recorded["test"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CowjaxError(f"{split}: no test split ({e})")
     if not test:
         raise CowjaxError(f"{split}: the test split is empty")
-    return "test", [Path(d) for d in test]
+    # Entries are case folder names under the recorded data_dir (absolute paths stay as they are).
+    root = Path(recorded.get("data_dir", workdir))
+    return "test", [root / d for d in test]
 
 
 def _mip_figure(path, case: io.Case, record: dict) -> Path:
