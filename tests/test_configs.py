@@ -1,0 +1,61 @@
+"""The experiment configs load, say what their docstrings say, and take command-line overrides."""
+
+import math
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from cowjax.model import unet
+from configs import demo, paper, test as test_config
+
+
+@pytest.mark.parametrize("arg", ["full", "heatmap_only", "seg", "seg_attr"])
+def test_paper_ablations_switch_the_auxiliary_tasks(arg):
+    c = paper.get_config(arg)
+    on = {k: c.loss[k] > 0 for k in ("w_heatmap", "w_segmentation", "w_landmark_attr",
+                                     "w_segment_attr", "w_consistency")}
+    expected = {"heatmap_only": 1, "seg": 2, "seg_attr": 4, "full": 5}[arg]
+    assert sum(on.values()) == expected and on["w_heatmap"]
+    assert c.optim.learning_rate == 1e-4 and (c.optim.b1, c.optim.b2) == (0.5, 0.999)
+    assert tuple(c.data.spacing) == (0.513, 0.513, 0.8)
+
+
+def test_paper_rejects_an_unknown_argument():
+    with pytest.raises(ValueError, match="unknown argument"):
+        paper.get_config("everything")
+
+
+@pytest.mark.parametrize("get_config", [demo.get_config, test_config.get_config,
+                                        paper.get_config])
+def test_crops_fit_the_model(get_config):
+    c = get_config()
+    factor = max(2 ** (len(c.model.widths) - 1), c.model.heatmap_stride)
+    assert all(n % factor == 0 for n in c.data.crop_shape)
+    unet.build_model(c)                                   # validates the model settings
+
+
+def test_demo_covers_the_circle_of_willis_on_a_small_cpu():
+    c = demo.get_config()
+    extent_mm = [n * s for n, s in zip(c.data.crop_shape, c.data.spacing)]
+    assert all(e >= want for e, want in zip(extent_mm, (120, 80, 70))), extent_mm
+    assert min(c.data.spacing) >= 1.5
+    assert c.model.heatmap_stride == 2 and c.loss.heatmap == "softmax_ce"
+    assert c.optim.schedule == "cosine" and 0 < c.optim.warmup_steps < c.num_train_steps
+    assert c.num_train_steps % c.checkpoint_every_steps == 0
+    assert math.prod(c.data.crop_shape) <= 128 ** 3 // 8
+
+
+def test_top_level_fields_are_overridable_on_the_command_line():
+    # As launch.py defines it; sys_argv stands for the command line it would read.
+    argv = ["launch.py", "--config=configs/demo.py", "--config.num_train_steps=50",
+            "--config.seed=3", "--config.checkpoint_every_steps=7", "--config.eval_every_steps=9",
+            "--config.optim.learning_rate=0.002"]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config", flag_values=flag_values,
+                                    lock_config=False, sys_argv=argv)
+    flag_values(argv)
+    c = flag_values.config
+    assert (c.num_train_steps, c.seed, c.checkpoint_every_steps, c.eval_every_steps) == (50, 3, 7, 9)
+    assert c.optim.learning_rate == 0.002
+    assert c.model.heatmap_stride == demo.get_config().model.heatmap_stride
