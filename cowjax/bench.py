@@ -1,0 +1,223 @@
+"""Benchmarks: model size, train-step and inference speed, data pipeline, synthetic data, memory.
+
+  python launch.py --mode=bench --config=configs/paper.py --parts=model,step,inference
+  python benchmarks/torch_reference.py --config=configs/paper.py   # the same network in PyTorch
+
+Each part prints one or more JSON lines (``{"part": ..., ...}``); a part whose module is not there
+prints ``{"part": ..., "skipped": why}``. Times are medians of repeated calls after compilation.
+The machine is shared by whatever else runs: compare ratios measured in one run, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cowjax import anatomy
+from cowjax.model import conv, unet
+
+PARTS = ("model", "step", "step_mse", "inference", "pipeline", "synthetic", "memory")
+# A typical whole MRA field of view around the circle of Willis (mm) for the inference timing.
+WHOLE_FOV_MM = (80.0, 80.0, 60.0)
+
+
+def _emit(part: str, **fields) -> None:
+    print(json.dumps({"part": part, **fields}), flush=True)
+
+
+def _median_time(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` (which must block until its result is ready)."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _flops(compiled) -> float | None:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per device program
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+def random_batch(key, batch_size: int, shape) -> dict:
+    """A training batch in the pipeline's format (ARCHITECTURE.md), random but well-formed."""
+    ks = jax.random.split(key, 5)
+    b, n = batch_size, anatomy.NUM_LANDMARKS
+    return {
+        "image": jax.random.normal(ks[0], (b, *shape, 1), jnp.float32),
+        "landmarks": jax.random.uniform(ks[1], (b, n, 3)) * (jnp.asarray(shape, jnp.float32) - 1),
+        "landmark_mask": jnp.ones((b, n), jnp.float32),
+        "segments": jax.random.randint(ks[2], (b, *shape), 0, anatomy.NUM_CLASSES, jnp.int32),
+        "segments_mask": jnp.ones((b,), jnp.float32),
+        "landmark_attr": jax.random.bernoulli(ks[3], 0.8, (b, n)).astype(jnp.float32),
+        "landmark_attr_mask": jnp.ones((b, n), jnp.float32),
+        "segment_attr": jax.random.bernoulli(ks[4], 0.8, (b, anatomy.NUM_SEGMENTS)).astype(
+            jnp.float32),
+        "segment_attr_mask": jnp.ones((b, anatomy.NUM_SEGMENTS), jnp.float32),
+    }
+
+
+def mse_loss(outputs, batch, config):
+    """Mean squared output, the loss ``benchmarks/torch_reference.py`` uses too (same cost model)."""
+    del batch, config
+    terms = {k: jnp.mean(jnp.square(v)) for k, v in outputs.items()}
+    return sum(terms.values()), terms
+
+
+def _loss_fn(use_project_loss: bool):
+    if use_project_loss:
+        try:
+            from cowjax import losses
+            return "total_loss", losses.total_loss
+        except ImportError:
+            pass
+    return "mse", mse_loss
+
+
+def make_train_step(model, config, loss_fn):
+    """A minimal Adam train step ``(params, opt_state, batch) -> (params, opt_state, loss)``."""
+    tx = optax.adam(config.optim.learning_rate, b1=config.optim.b1, b2=config.optim.b2)
+
+    def step(params, opt_state, batch):
+        def objective(p):
+            loss, _ = loss_fn(model.apply({"params": p}, batch["image"]), batch, config)
+            return loss
+        loss, grads = jax.value_and_grad(objective)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return tx, jax.jit(step, donate_argnums=(0, 1))
+
+
+def _bench_step(part, model, params, config, shape, repeats, use_project_loss):
+    loss_name, loss_fn = _loss_fn(use_project_loss)
+    tx, step = make_train_step(model, config, loss_fn)
+    batch = random_batch(jax.random.key(1), config.batch_size, shape)
+    params = jax.tree.map(jnp.copy, params)  # the step donates its inputs
+    opt_state = tx.init(params)
+    t = time.perf_counter()
+    compiled = step.lower(params, opt_state, batch).compile()
+    compile_s = time.perf_counter() - t
+    flops = _flops(compiled)
+    state = [params, opt_state]
+
+    def run():
+        state[0], state[1], loss = compiled(state[0], state[1], batch)
+        loss.block_until_ready()
+
+    run()  # first call: allocation and warm-up
+    sec = _median_time(run, repeats)
+    voxels = config.batch_size * int(np.prod(shape))
+    _emit(part, loss=loss_name, conv_impl=conv.resolve_impl(config.model.conv_impl),
+          batch=config.batch_size, input=list(shape), step_s=round(sec, 4),
+          steps_per_s=round(1 / sec, 3), voxels_per_s=round(voxels / sec),
+          compile_s=round(compile_s, 1),
+          flops_per_step=flops, gflops_per_s=round(flops / sec / 1e9, 1) if flops else None)
+    return sec
+
+
+def whole_volume_shape(config) -> tuple[int, int, int]:
+    """The typical whole field of view at the config's spacing, rounded up to the model's divisor."""
+    factor = 2 ** (len(config.model.widths) - 1)
+    vox = np.ceil(np.asarray(WHOLE_FOV_MM) / np.asarray(config.data.spacing) / factor) * factor
+    return tuple(int(v) for v in vox)
+
+
+def _bench_inference(model, params, config, repeats):
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    for name, shape in (("crop", tuple(config.data.crop_shape)),
+                        ("whole_volume", whole_volume_shape(config))):
+        x = jax.random.normal(jax.random.key(2), (1, *shape, 1), jnp.float32)
+        compiled = forward.lower(params, x).compile()
+        flops = _flops(compiled)
+
+        def run():
+            jax.block_until_ready(compiled(params, x))
+
+        run()
+        sec = _median_time(run, repeats if name == "crop" else min(repeats, 2))
+        _emit("inference", volume=name, input=list(shape), spacing=list(config.data.spacing),
+              conv_impl=conv.resolve_impl(config.model.conv_impl), forward_s=round(sec, 4),
+              voxels_per_s=round(int(np.prod(shape)) / sec),
+              gflops_per_s=round(flops / sec / 1e9, 1) if flops else None)
+
+
+def _bench_pipeline(config, step_s, batches):
+    try:
+        from cowjax.data import pipeline
+    except ImportError:
+        return _emit("pipeline", skipped="cowjax.data.pipeline is not there")
+    small = config.copy_and_resolve_references()
+    small.data.num_cases = min(int(config.data.num_cases), 6)
+    with tempfile.TemporaryDirectory() as tmp:
+        small.data.data_dir = f"{tmp}/data"
+        split = pipeline.prepare_data(small, f"{tmp}/run")
+        t = time.perf_counter()
+        it = pipeline.train_loader(small, split["train"], f"{tmp}/cache")  # preprocesses all cases
+        first_s = time.perf_counter() - t
+        # From the first batch on, so read-ahead buffers cannot hide the production rate.
+        t = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        per_s = batches / (time.perf_counter() - t)
+    _emit("pipeline", cases=small.data.num_cases, workers=int(config.data.num_workers),
+          setup_s=round(first_s, 2), batches_per_s=round(per_s, 2),
+          step_consumes_per_s=round(1 / step_s, 2) if step_s else None,
+          keeps_up=bool(per_s >= 1 / step_s) if step_s else None)
+
+
+def _bench_synthetic(config, cases):
+    try:
+        from cowjax.data import synthetic
+    except ImportError:
+        return _emit("synthetic", skipped="cowjax.data.synthetic is not there")
+    spacing = tuple(config.data.synthetic_spacing)
+    t = time.perf_counter()
+    for i in range(cases):
+        synthetic.generate_case(config.data.synthetic_seed, i, spacing=spacing)
+    sec = time.perf_counter() - t
+    _emit("synthetic", spacing=list(spacing), cases=cases, cases_per_s=round(cases / sec, 3))
+
+
+def run_bench(config, parts=PARTS, repeats: int = 5) -> None:
+    """Measure the chosen ``parts`` (see ``PARTS``) for ``config`` and print JSON lines."""
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        from cowjax.errors import CowjaxError
+        raise CowjaxError(f"--parts: unknown {unknown}; choose from {list(PARTS)}")
+    model = unet.build_model(config)
+    shape = tuple(int(n) for n in config.data.crop_shape)
+    params = unet.init_params(model, jax.random.key(config.seed))
+    dev = jax.devices()[0]
+    if "model" in parts:
+        _emit("model", widths=list(model.widths), norm=model.norm, dtype=model.dtype,
+              heatmap_stride=model.heatmap_stride, input=[config.batch_size, *shape, 1],
+              parameters=int(sum(p.size for p in jax.tree.leaves(params))),
+              device=dev.device_kind, platform=dev.platform, devices=jax.device_count())
+    step_s = None
+    if "step" in parts:
+        step_s = _bench_step("step", model, params, config, shape, repeats, True)
+    if "step_mse" in parts:
+        step_s = _bench_step("step_mse", model, params, config, shape, repeats, False)
+    if "inference" in parts:
+        _bench_inference(model, params, config, repeats)
+    if "pipeline" in parts:
+        _bench_pipeline(config, step_s, batches=10 * repeats)
+    if "synthetic" in parts:
+        _bench_synthetic(config, cases=2)
+    if "memory" in parts:
+        # ru_maxrss is in KiB on Linux.
+        _emit("memory", peak_host_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+              device=dev.device_kind)
