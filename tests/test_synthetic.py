@@ -95,6 +95,14 @@ def test_attributes_match_the_drawn_vessels(cases):
                         assert _ball_max(drawn, case.affine, vox[k], 4.0), f"{seg} misses {end}"
 
 
+def test_every_present_segment_keeps_voxels_on_a_coarse_grid():
+    # At 3 mm the short ACoA and ICA_C7 sit inside their wider neighbours' voxels.
+    for i in range(6):
+        case = synthetic.generate_case(99, i, (3.0, 3.0, 3.0))
+        for j, seg in enumerate(anatomy.SEGMENTS):
+            assert (case.segments == j + 1).any() == case.attributes["segments"][seg], (i, seg)
+
+
 def test_aneurysms_are_vessel_voxels(cases):
     found = 0
     for case, info in cases:

@@ -87,7 +87,8 @@ def render(tubes: list[Tube], affine: np.ndarray, shape: tuple[int, int, int], e
     float32 in [0, 1], vessels [X,Y,Z] bool, segments [X,Y,Z] uint8). A voxel belongs to a vessel
     when its centre lies within max(radius, half the largest voxel side) of the centerline, so thin
     vessels still own the voxels they cross; where tubes meet, the one whose surface is farthest
-    outside the voxel (smallest distance - radius) labels it.
+    outside the voxel (smallest distance - radius) labels it, and every labelled tube keeps at
+    least the voxels on the middle of its centerline.
     """
     lumen = np.zeros(shape, np.float32)
     occupancy = np.zeros(shape, np.float32)
@@ -133,4 +134,15 @@ def render(tubes: list[Tube], affine: np.ndarray, shape: tuple[int, int, int], e
                 win = inside & (score < best[sub])
                 best[sub] = np.where(win, score, best[sub])
                 segments[sub] = np.where(win, np.uint8(tube.label), segments[sub])
+    counts = np.bincount(segments.ravel(), minlength=256)
+    for tube in tubes:
+        if tube.label > 0 and counts[tube.label] == 0:
+            # On a coarse grid a short thin segment (ACoA, C7) can lose every voxel to its wider
+            # neighbours; it keeps the voxels nearest to the middle third of its centerline.
+            n = len(tube.points)
+            mid = tube.points[n // 3: max(n // 3 + 1, 2 * n // 3)]
+            ijk = np.round(mid @ inv[:3, :3].T + inv[:3, 3]).astype(int)
+            ijk = ijk[np.all((ijk >= 0) & (ijk < shape), axis=1)]
+            segments[tuple(ijk.T)] = tube.label
+            vessels[tuple(ijk.T)] = True
     return lumen, occupancy, vessels, segments
