@@ -1,6 +1,7 @@
 """Whole-volume prediction: world coordinates for any affine and size, output files, evaluation."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -204,11 +205,16 @@ def test_eval_scores_cases_and_writes_the_report(workdir, tmp_path, capsys):
     io.save_case(tmp_path / "data" / "c1", io.Case("c1", img, affine, truth, segments=segments,
                                                    attributes=attrs))
     io.save_case(tmp_path / "data" / "c2", io.Case("c2", img, affine, truth))
-    reports = evaluate.run_eval([workdir], tmp_path / "data")
+    other = tmp_path / "ablation"
+    shutil.copytree(workdir, other, ignore=shutil.ignore_patterns("eval"))
+    reports = evaluate.run_eval([workdir, other], tmp_path / "data")
     report = reports[str(workdir)]
     out = workdir / "eval" / "data"
-    assert (out / "report.json").is_file() and (out / "report.md").is_file()
-    assert (out / "landmark_errors.png").is_file() and (out / "mip_c1.png").is_file()
+    for name in ("report.json", "report.md", "landmark_errors.png", "mip_c1.png", "comparison.png",
+                 "comparison.md"):
+        assert (out / name).is_file(), name
+    assert reports[str(other)]["groups"]["all"]["mre_mm"] == pytest.approx(
+        report["groups"]["all"]["mre_mm"])
     pred = predict.Predictor.from_workdir(workdir).predict(img, affine)
     err = np.linalg.norm(pred.landmarks - truth, axis=-1)
     g = report["groups"]["all"]

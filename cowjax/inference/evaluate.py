@@ -130,6 +130,21 @@ def markdown(run: str, data_name: str, report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparison_markdown(summaries: dict[str, dict]) -> str:
+    """One row per run: cases, MRE, median, SDR, Dice, attribute accuracies."""
+    radii = metrics.SDR_RADII_MM
+    lines = ["# Runs compared", "",
+             "| run | cases | MRE (mm) | median (mm) | " + " | ".join(f"SDR {r} mm (%)" for r in radii)
+             + " | Dice | presence acc (%) | bifurcation acc (%) |",
+             "|---|" + "---|" * (6 + len(radii))]
+    for run, g in summaries.items():
+        lines.append(f"| {run} | {g['num_cases']} | {_fmt(g['mre_mm'])} | {_fmt(g['median_mm'])} | "
+                     + " | ".join(_fmt(g["sdr"][str(r)], 100, 1) for r in radii)
+                     + f" | {_fmt(g['dice_mean'], 1, 3)} | {_fmt(g['segment_attr_accuracy'], 100, 1)}"
+                     f" | {_fmt(g['landmark_attr_accuracy'], 100, 1)} |")
+    return "\n".join(lines) + "\n"
+
+
 def _case_dirs(workdir: Path, data_dir) -> tuple[str, list[Path]]:
     if data_dir is not None:
         return Path(data_dir).name, io.list_cases(data_dir)
@@ -218,5 +233,7 @@ def run_eval(workdirs, data_dir=None) -> dict[str, dict]:
         comp = figures.compare_runs(dirs[0] / "comparison.png", summaries)
         figures.landmark_error_bars(dirs[0] / "landmark_errors_runs.png",
                                     dict(zip(names, errors.values())))
-        print(f"comparison of {len(workdirs)} runs: {comp}")
+        with atomic_output(dirs[0] / "comparison.md") as tmp:
+            tmp.write_text(comparison_markdown(summaries))
+        print(f"comparison of {len(workdirs)} runs: {dirs[0] / 'comparison.md'}, {comp}")
     return reports

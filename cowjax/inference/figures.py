@@ -81,7 +81,7 @@ def compare_runs(path, summaries: dict[str, dict]) -> Path:
     mre = [summaries[r]["mre_mm"] for r in runs]
     med = [summaries[r]["median_mm"] for r in runs]
     sdr2 = [summaries[r]["sdr"]["2.0"] * 100 for r in runs]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(runs), 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(5 + 2 * len(runs), 4))
     x = np.arange(len(runs))
     ax1.bar(x, mre, color="tab:blue", label="mean")
     ax1.plot(x, med, "o", color="black", label="median")
@@ -92,8 +92,11 @@ def compare_runs(path, summaries: dict[str, dict]) -> Path:
     ax1.set_title("MRE per run")
     ax1.legend(fontsize=8)
     ax2.bar(x, sdr2, color="tab:green")
+    for i, v in enumerate(sdr2):
+        ax2.annotate(f"{v:.1f}%", (i, v), ha="center", va="bottom", fontsize=8)
     ax2.set_xticks(x, runs, rotation=20, ha="right")
     ax2.set_ylim(0, 100)
     ax2.set_ylabel("% of landmarks within 2 mm")
     ax2.set_title("SDR at 2 mm")
+    fig.tight_layout()
     return _save(fig, path)
