@@ -1,0 +1,164 @@
+"""cowjax.data.preprocess / augment: world-exact canonical grid, FOV centre, crops and the mirrored flip."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from cowjax import anatomy
+from cowjax.data import augment, io, preprocess
+from test_targets import tube_phantom
+
+
+def _oblique(rng, lps_like):
+    """Oblique rotation, anisotropic zooms; LPS-like storage flips x and y and permutes axes."""
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q @ np.diag([1, 1, np.sign(np.linalg.det(q))])
+    storage = np.diag([-1, -1, 1])[[1, 0, 2]] if lps_like else np.eye(3)
+    angles = np.deg2rad(20) * rng.uniform(-1, 1, 3)
+    rot = augment._rotation(angles) if not lps_like else q
+    a = np.eye(4)
+    a[:3, :3] = rot @ storage @ np.diag([1.1, 0.9, 1.3])
+    return a
+
+
+def _blob_image(affine, shape, centres, sigma=2.5):
+    """Gaussian blobs at world points, sampled on the image grid: [X, Y, Z] float32."""
+    world = preprocess.voxel_to_world(
+        np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1), affine)
+    d2 = ((world[..., None, :] - centres) ** 2).sum(-1)
+    return np.exp(-0.5 * d2 / sigma ** 2).sum(-1).astype(np.float32)
+
+
+def _config(spacing=(1.0, 1.0, 1.0)):
+    c = ml_collections.ConfigDict()
+    c.data = ml_collections.ConfigDict({"spacing": spacing})
+    return c
+
+
+@pytest.mark.parametrize("lps_like", [False, True])
+def test_landmarks_survive_preprocessing(lps_like):
+    """Landmark -> grid voxel -> world is the identity, and the image content moved with it."""
+    rng = np.random.default_rng(int(lps_like))
+    shape = (30, 34, 24)
+    affine = _oblique(rng, lps_like)
+    affine[:3, 3] = rng.uniform(-40, 40, 3)  # arbitrary world placement
+    centre = preprocess.voxel_to_world((np.array(shape) - 1) / 2, affine)
+    landmarks = np.full((anatomy.NUM_LANDMARKS, 3), np.nan)
+    landmarks[:3] = centre + rng.uniform(-6, 6, (3, 3))
+    image = _blob_image(affine, shape, landmarks[:3])
+    case = io.Case("c", image, affine, landmarks)
+    pre = preprocess.preprocess_case(case, _config((0.9, 0.9, 1.0)))
+    grid = pre["affine"]
+    np.testing.assert_allclose(grid[:3, :3], np.diag([0.9, 0.9, 1.0]))
+    assert np.isnan(pre["landmarks"][3:]).all()
+    back = preprocess.voxel_to_world(pre["landmarks"][:3], grid)
+    np.testing.assert_allclose(back, landmarks[:3], atol=1e-9)
+    # The blob centred on each landmark is found there on the canonical grid (weighted centroid).
+    vox = np.stack(np.meshgrid(*[np.arange(n) for n in pre["image"].shape], indexing="ij"), -1)
+    for k in range(3):
+        near = np.linalg.norm((vox - pre["landmarks"][k]) * [0.9, 0.9, 1.0], axis=-1) < 3.0
+        w = pre["image"] * near
+        centroid = preprocess.voxel_to_world((vox * w[..., None]).sum((0, 1, 2)) / w.sum(), grid)
+        ideal = (vox * (near * _blob_image(grid, pre["image"].shape, landmarks[:3]))[..., None])
+        ideal = preprocess.voxel_to_world(
+            ideal.sum((0, 1, 2)) / (near * _blob_image(grid, pre["image"].shape, landmarks[:3])).sum(),
+            grid)
+        assert np.linalg.norm(centroid - ideal) < 0.1
+
+
+def test_resample_on_its_own_grid_is_identity():
+    rng = np.random.default_rng(2)
+    data = rng.uniform(size=(6, 7, 8)).astype(np.float32)
+    affine = np.diag([0.5, 0.6, 0.8, 1.0])
+    grid_affine, grid_shape = preprocess.canonical_grid(affine, data.shape, (0.5, 0.6, 0.8))
+    assert grid_shape == data.shape
+    np.testing.assert_allclose(preprocess.resample(data, affine, grid_affine, grid_shape, 1), data,
+                               atol=1e-6)
+    labels = (data * 20).astype(np.uint8)
+    out = preprocess.resample(labels, affine, grid_affine, grid_shape, 0)
+    assert out.dtype == np.uint8 and np.array_equal(out, labels)
+
+
+def test_normalise_intensity_is_robust():
+    rng = np.random.default_rng(3)
+    image = rng.normal(100, 5, (20, 20, 20)).astype(np.float32)
+    image[0, 0, 0] = 1e6  # one hot voxel must not squash the rest
+    out = preprocess.normalise_intensity(image)
+    assert out.dtype == np.float32 and out.min() >= 0 and out.max() <= 3
+    assert 0.3 < np.median(out) < 0.7
+    np.testing.assert_array_equal(out, preprocess.normalise_intensity(image))
+
+
+def test_fov_center_near_the_landmarks_despite_bright_structures():
+    image, affine, landmarks, _, _ = tube_phantom(1.0, margin=18.0)
+    vox = np.stack(np.meshgrid(*[np.arange(n) for n in image.shape], indexing="ij"), -1)
+    # As bright as the vessels: a large blob in a corner (a sinus) and a slab (fat) at the bottom.
+    image += np.linalg.norm(vox - [20, 20, 40], axis=-1) < 8
+    image += np.abs(vox[..., 2] - 6) < 5
+    centre = preprocess.estimate_fov_center(image, affine)
+    assert np.linalg.norm(centre - landmarks.mean(0)) < 10.0
+
+
+def test_crop_pads_with_zeros():
+    image = np.arange(1, 1 + 5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
+    out, offset = preprocess.crop(image, (0, 0, 0), (4, 4, 4))
+    np.testing.assert_array_equal(offset, [-2, -2, -2])  # round(0 - 1.5) = -2
+    assert (out[:2] == 0).all() and (out[:, :2] == 0).all()
+    np.testing.assert_array_equal(out[2:, 2:, 2:], image[:2, :2, :2])
+    out, offset = preprocess.crop(image, (2, 2.6, 3), (3, 3, 3))
+    np.testing.assert_array_equal(out, image[1:4, 2:5, 2:5])
+
+
+def _example(rng):
+    pre = {"image": rng.uniform(size=(24, 20, 16)).astype(np.float32),
+           "landmarks": rng.uniform(2, 14, (anatomy.NUM_LANDMARKS, 3)),
+           "segments": rng.integers(0, anatomy.NUM_CLASSES, (24, 20, 16)).astype(np.uint8),
+           "fov_center": np.array([12.0, 10.0, 8.0]),
+           "landmark_attr": rng.integers(0, 2, 19).astype(np.float32),
+           "landmark_attr_mask": np.ones(19, np.float32),
+           "segment_attr": rng.integers(0, 2, 20).astype(np.float32),
+           "segment_attr_mask": rng.integers(0, 2, 20).astype(np.float32)}
+    pre["landmarks"][3] = np.nan
+    return pre, augment.crop_example(pre, pre["fov_center"], (16, 16, 12))[0]
+
+
+def test_flip_swaps_mirrored_channels():
+    rng = np.random.default_rng(4)
+    _, ex = _example(rng)
+    flipped = augment.flip_example(ex)
+    twice = augment.flip_example(flipped)
+    for k in ex:  # up to float32 rounding of x -> 15 - (15 - x)
+        np.testing.assert_allclose(twice[k], ex[k], atol=1e-5)
+    mirror = anatomy.MIRROR_LANDMARKS
+    right, left = anatomy.LANDMARK_INDEX["M1_M2_R"], anatomy.LANDMARK_INDEX["M1_M2_L"]
+    # The flipped right landmark is the original left one, mirrored in x.
+    np.testing.assert_allclose(flipped["landmarks"][right],
+                               [15 - ex["landmarks"][left, 0], *ex["landmarks"][left, 1:]], atol=1e-5)
+    np.testing.assert_array_equal(flipped["landmark_mask"], ex["landmark_mask"][mirror])
+    np.testing.assert_array_equal(flipped["image"], ex["image"][::-1])
+    seg = anatomy.SEGMENT_INDEX
+    flipped_m1_r = flipped["segments"] == 1 + seg["M1_R"]
+    np.testing.assert_array_equal(flipped_m1_r, (ex["segments"] == 1 + seg["M1_L"])[::-1])
+    np.testing.assert_array_equal(flipped["segment_attr"][seg["PCoA_L"]], ex["segment_attr"][seg["PCoA_R"]])
+
+
+def test_augmentation_is_deterministic_and_moves_landmarks_with_the_image():
+    rng = np.random.default_rng(5)
+    pre, _ = _example(rng)
+    aug = ml_collections.ConfigDict({"translate_mm": 3.0, "rotate_deg": 15.0, "scale": 0.1,
+                                     "intensity": 0.0, "noise": 0.0, "flip": True})
+    a = augment.augment_example(pre, np.random.default_rng(7), (16, 16, 12), (1.0, 1.0, 1.0), aug)
+    b = augment.augment_example(pre, np.random.default_rng(7), (16, 16, 12), (1.0, 1.0, 1.0), aug)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert a["image"].shape == (16, 16, 12, 1) and a["segments"].dtype == np.int32
+    # A bright point at a landmark ends up at the example's landmark coordinate.
+    pre["image"] = np.zeros_like(pre["image"])
+    pre["image"][12, 10, 8] = 1.0
+    pre["landmarks"][0] = [12, 10, 8]
+    for seed in range(3):
+        ex = augment.augment_example(pre, np.random.default_rng(seed), (16, 16, 12), (1.0, 1.0, 1.0),
+                                     aug)
+        k = 0  # BA_top is its own mirror
+        peak = np.array(np.unravel_index(np.argmax(ex["image"][..., 0]), (16, 16, 12)))
+        assert np.all(np.abs(peak - ex["landmarks"][k]) <= 1.0)
