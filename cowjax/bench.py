@@ -30,7 +30,7 @@ WHOLE_FOV_MM = (80.0, 80.0, 60.0)
 
 
 def _emit(part: str, **fields) -> None:
-    print(json.dumps({"part": part, **fields}), flush=True)
+    print(json.dumps({"part": part, "framework": "jax", **fields}), flush=True)
 
 
 def _median_time(fn, repeats: int) -> float:
