@@ -107,7 +107,11 @@ def workdir(tmp_path_factory):
     config = _config()
     model = unet.build_model(config)
     tx = state_lib.make_optimizer(config)
-    state = state_lib.create_state(unet.init_params(model, jax.random.key(0)), tx)
+    # Random weights of the right shapes without compiling model.init (slow on a busy 2-core CPU).
+    shapes = jax.eval_shape(lambda: unet.init_params(model, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
+    state = state_lib.create_state(params, tx)
     wd = tmp_path_factory.mktemp("run")
     ckpts = checkpoint.Checkpoints(wd, keep=1)
     ckpts.save(state, {"step": 0, "nonfinite": 0, "seed": 0,
