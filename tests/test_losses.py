@@ -128,7 +128,6 @@ def _outputs_and_batch(config, rng):
 
 @pytest.mark.parametrize("heatmap,stride", [("l2", 1), ("softmax_ce", 2)])
 def test_total_loss_is_the_weighted_sum_and_skips_zero_weights(heatmap, stride):
-    pytest.importorskip("cowjax.data.targets")
     config = test_config.get_config()
     config.loss.heatmap = heatmap
     config.model.heatmap_stride = stride
@@ -143,7 +142,6 @@ def test_total_loss_is_the_weighted_sum_and_skips_zero_weights(heatmap, stride):
 
 
 def test_heatmap_targets_peak_at_the_scaled_coordinate():
-    pytest.importorskip("cowjax.data.targets")
     config = test_config.get_config()
     config.model.heatmap_stride = 2
     coords = np.zeros((1, anatomy.NUM_LANDMARKS, 3), np.float32)

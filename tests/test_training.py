@@ -196,6 +196,29 @@ def test_config_round_trips_through_json():
     assert again.to_json() == config.to_json()
 
 
+def test_load_for_inference_best_else_latest_and_clear_errors(tmp_path):
+    from cowjax.model import unet
+    with pytest.raises(CowjaxError, match="no checkpoint found"):
+        ckpt.load_for_inference(tmp_path)
+    config = tiny_config(num_train_steps=1)
+    config.model.widths = (4, 8)
+    model = unet.build_model(config)
+    train.run_training(config, tmp_path, model, RandomBatches(config), val_examples(config))
+    loaded_config, params = ckpt.load_for_inference(tmp_path)
+    assert loaded_config.to_json() == config.to_json()
+    abstract = state_lib.abstract_state(model, config, state_lib.make_optimizer(config))
+    latest, _ = ckpt.Checkpoints(tmp_path, 1).restore_latest(abstract)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(latest["params"])):
+        np.testing.assert_array_equal(a, b)
+    # A checkpoint made for another anatomy (20 landmarks) is refused, naming the checkpoint.
+    for meta_file in tmp_path.glob("*/1/meta/metadata"):
+        meta = json.loads(meta_file.read_text())
+        meta["anatomy"]["landmarks"].append("extra")
+        meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CowjaxError, match="20 landmarks"):
+        ckpt.load_for_inference(tmp_path)
+
+
 def _train_and_dump(out, num_steps):
     config = tiny_config(num_train_steps=int(num_steps), batch_size=4, eval_every_steps=100)
     workdir = Path(out).with_suffix(".workdir")
