@@ -198,8 +198,21 @@ def test_align_case_to_template_moves_world_frame():
     aligned = intensity.align_case_to_template(case, template, levels_mm=(5.0, 2.5), steps=(60, 40))
     np.testing.assert_allclose(aligned.landmarks, points, atol=0.5)
     assert aligned.image is case.image                          # data untouched, only the frame
-    np.testing.assert_allclose(aligned.affine, truth @ aff, atol=0.05)
+    corners = np.stack(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    np.testing.assert_allclose(lm.apply_transform(aligned.affine, corners),
+                               lm.apply_transform(truth @ aff, corners), atol=0.5)
     np.testing.assert_allclose(case.affine, aff)                # the input is not modified
+
+
+def test_vessel_contrast_removes_smooth_background():
+    shape = (24, 24, 24)
+    aff = _oblique_affine(2.0, shape)
+    tubes = _render(aff, shape)
+    ramp = intensity.voxel_centres(aff, shape) @ [0.5, -0.2, 0.3]
+    shaded = 3.0 * tubes + 100.0 + ramp.reshape(shape)          # scale, offset and shading
+    inner = (slice(6, -6),) * 3                                 # away from the border's padding
+    np.testing.assert_allclose(intensity.vessel_contrast(shaded, aff)[inner],
+                               intensity.vessel_contrast(tubes, aff)[inner], atol=0.02)
 
 
 def test_render_template_tubes_pass_through_landmarks():
