@@ -66,6 +66,9 @@ def test_derived_segments_match_the_phantom(absent):
     _, affine, landmarks, vessels, truth = tube_phantom(0.8, absent=absent, seed=len(absent))
     derived = targets.derive_segments(vessels > 0, affine, landmarks)
     assert derived.dtype == np.uint8 and derived.shape == truth.shape
+    # Memory layout must not matter (nibabel hands out Fortran-ordered arrays).
+    np.testing.assert_array_equal(
+        targets.derive_segments(np.asfortranarray(vessels > 0), affine, landmarks), derived)
     assert np.all(derived[vessels == 0] == 0)
     dice = [_dice(truth == c, derived == c) for c in range(1, anatomy.NUM_CLASSES)
             if np.any(truth == c) and anatomy.SEGMENTS[c - 1] != "ACoA"]  # ACoA: a few voxels

@@ -61,7 +61,7 @@ def _load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.dtype]:
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise CowjaxError(f"{path}: invalid voxel-to-world affine (singular or non-finite)")
-    return data, affine, img.get_data_dtype()
+    return np.ascontiguousarray(data), affine, img.get_data_dtype()
 
 
 def load_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -71,7 +71,7 @@ def load_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     singleton 4th dimension is squeezed), an empty image or non-finite voxels.
     """
     data, affine, _ = _load_volume(path)
-    data = np.asarray(data, dtype=np.float32)
+    data = np.ascontiguousarray(data, dtype=np.float32)
     if not np.all(np.isfinite(data)):
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         raise CowjaxError(f"{path}: {bad} non-finite voxel(s) (NaN or inf)")

@@ -19,6 +19,7 @@ from pathlib import Path
 import grain
 import jax
 import numpy as np
+from absl import flags
 
 from cowjax.data import augment, io, preprocess
 from cowjax.errors import CowjaxError, atomic_output
@@ -180,6 +181,9 @@ def train_loader(config, case_dirs, cache_dir):
     ds = ds[host::hosts].batch(config.batch_size // hosts, drop_remainder=True)
     it_ds = ds.to_iter_dataset()
     if config.data.num_workers > 0:
+        # Grain's workers read absl flags; outside launch.py (tests, notebooks) use their defaults.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
     return iter(it_ds)
 

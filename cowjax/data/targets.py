@@ -46,7 +46,8 @@ def _mask_graph(vessels: np.ndarray, affine: np.ndarray):
     flat = np.flatnonzero(padded)
     node_of = np.full(padded.size, -1, dtype=np.int64)
     node_of[flat] = np.arange(flat.size)
-    strides = np.array(padded.strides) // padded.itemsize
+    # Flat (C-order) index steps of the three axes, whatever the array's memory layout.
+    strides = np.array([padded.shape[1] * padded.shape[2], padded.shape[2], 1])
     rows, cols, weights = [], [], []
     offsets = np.stack(np.meshgrid(*[[-1, 0, 1]] * 3, indexing="ij"), -1).reshape(-1, 3)
     for off in offsets[len(offsets) // 2 + 1:]:  # one of each +- pair; the graph is undirected
