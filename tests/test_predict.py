@@ -48,8 +48,10 @@ class _EchoNet:
 
     def __init__(self, stride):
         self.stride = stride
+        self.calls = 0
 
     def __call__(self, params, images):
+        self.calls += 1
         x = np.asarray(images)
         b, nx, ny, nz, _ = x.shape
         s = self.stride
@@ -68,34 +70,39 @@ def _echo_predictor(stride):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("affine, shape", [
-    (_affine((1.5, 1.5, 1.5)), (40, 40, 30)),                            # smaller than the window
-    (_affine((1.2, 0.9, 2.0), 30.0, (-1, -1, 1), (24.0, 39.0, -24.0)), (60, 70, 30)),  # LPS, oblique
-    (_affine((2.0, 2.0, 2.0), origin=(-60.0, -80.0, -50.0)), (90, 85, 60)),  # sliding windows
+@pytest.mark.parametrize("affine, shape, windows", [
+    (_affine((1.5, 1.5, 1.5)), (40, 40, 30), 1),                     # smaller than the window
+    (_affine((1.2, 0.9, 2.0), 30.0, (-1, -1, 1), (24.0, 39.0, -24.0)), (60, 70, 30), None),  # oblique
+    (_affine((2.0, 2.0, 2.0), origin=(-60.0, -80.0, -50.0)), (90, 85, 60), 9),  # sliding windows
 ])
-def test_world_coordinates_survive_any_affine_and_size(stride, affine, shape):
+def test_world_coordinates_survive_any_affine_and_size(stride, affine, shape, windows):
     centre = np.array([4.0, -2.5, 1.3])
-    pred = _echo_predictor(stride).predict(_blob_image(affine, shape, centre), affine)
+    predictor = _echo_predictor(stride)
+    pred = predictor.predict(_blob_image(affine, shape, centre), affine)
+    assert windows is None or predictor._forward.calls == windows
     assert pred.landmarks.shape == (L, 3) and pred.confidence.shape == (L,)
     # Grid spacing is 3 mm; the peak is recovered to a fraction of a voxel.
     np.testing.assert_allclose(pred.landmarks, np.broadcast_to(centre, (L, 3)), atol=0.5)
 
 
-def test_sliding_windows_cover_a_large_volume():
-    starts, central = predict._window_starts(center=40.0, size=100, window=32, step=8, align=2)
-    assert starts == [16, 24, 32] and central == 1
-    # A window larger than the volume is centred as well as it can be, one window.
-    starts, central = predict._window_starts(center=5.0, size=12, window=32, step=8, align=1)
-    assert len(starts) == 1 and -20 <= starts[0] <= 0
+def test_sliding_windows_cover_the_extent_and_blend_exactly():
+    # Centre at 40, window 32, half-window steps; an extent of 96 needs two steps each way.
+    starts, central = predict._window_starts(40.0, size=100, window=32, step=16, extent=96, align=2)
+    assert starts == [0, 8, 24, 40, 56] and starts[central] == 24
+    # Kept inside the volume, and one window when the volume is smaller than it.
+    starts, _ = predict._window_starts(90.0, size=100, window=32, step=16, extent=40, align=1)
+    assert starts == [52, 68]
+    starts, central = predict._window_starts(5.0, size=12, window=32, step=16, extent=96, align=1)
+    assert len(starts) == 1 and -20 <= starts[0] <= 0 and central == 0
     # Windows cut from one field blend back to that field wherever they cover it.
     field = np.random.default_rng(0).random((6, 5, 6, 2)).astype(np.float32)
     starts = np.array([[0, 0, 0], [2, 1, 2], [2, 0, 0], [0, 1, 2]])
-    windows = np.stack([field[a:a + 4, b:b + 4, c:c + 4] for a, b, c in starts])
-    blended = predict._blend(windows, starts, (6, 5, 6))
+    blend = predict._Blend((6, 5, 6), (4, 4, 4), 2)
     covered = np.zeros((6, 5, 6), bool)
     for a, b, c in starts:
+        blend.add(field[a:a + 4, b:b + 4, c:c + 4], (a, b, c))
         covered[a:a + 4, b:b + 4, c:c + 4] = True
-    np.testing.assert_allclose(blended[covered], field[covered], rtol=1e-6)
+    np.testing.assert_allclose(blend.result()[covered], field[covered], rtol=1e-6)
 
 
 # ----------------------------------------------------------------- with a checkpointed random model

@@ -1,11 +1,13 @@
 """Whole-volume inference at any input size, and the ``--mode=predict`` command.
 
-An image goes through the training preprocessing (``preprocess.preprocess_case``: canonical RAS grid at
-``config.data.spacing``, intensity normalisation), the field of view is found without landmarks
-(``preprocess.estimate_fov_center``, in ``preprocess_case``), and the network sees ``config.data.crop_shape`` windows: the one
-centred there and, where the volume is larger, its neighbours ``step`` voxels away on each axis. Their
-outputs are blended with Gaussian weights (highest at each window's centre) before decoding, and the
-decoded voxel coordinates go back to the image's world exactly through the grid affine.
+An image goes through the training preprocessing (``preprocess.preprocess_case``: canonical RAS grid
+at ``config.data.spacing``, intensity normalisation) and the field of view is found without
+landmarks (``preprocess.estimate_fov_center``). The network sees ``config.data.crop_shape`` windows:
+the one centred there and, where the volume is larger, neighbours half a window apart covering the
+circle's extent (the template's bounding box plus a margin). Their outputs are blended with Gaussian
+weights (highest at each window's centre) before decoding, and the decoded voxel coordinates go back
+to the image's world exactly through the grid affine. The attribute heads are read from the central
+window, the one placed as in training.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from cowjax.model import unet
 OUTPUT_SUFFIXES = (".mrk.json", ".json", ".csv")
 # Gaussian blending: sigma as a fraction of the window (as nnU-Net's sliding windows).
 _BLEND_SIGMA = 1 / 8
-# Neighbouring windows sit this fraction of the window away from the central one.
-_WINDOW_STEP = 1 / 4
+# Half the size of the template's bounding box (mm): the extent the windows must cover, plus a margin.
+_COW_HALF_EXTENT_MM = (anatomy.TEMPLATE_LANDMARKS.max(0) - anatomy.TEMPLATE_LANDMARKS.min(0)) / 2
 
 
 @dataclasses.dataclass
@@ -46,15 +48,17 @@ class Prediction:
     segmentation: np.ndarray | None = None
 
 
-def _window_starts(center, size, window, step, align):
-    """Start voxels along one axis: the window centred on ``center`` and its neighbours ``step``
-    away, kept overlapping the volume as much as possible; multiples of ``align`` (heatmap stride).
-    Returns (starts, index of the central window)."""
+def _window_starts(center, size, window, step, extent, align):
+    """Window starts along one axis, all multiples of ``align`` (the heatmap stride).
+
+    The window centred on ``center`` and neighbours ``k * step`` away for as many k as cover
+    ``extent`` voxels around the centre, each kept inside the volume (a volume smaller than the window
+    gets one window holding all of it). Returns (sorted starts, index of the central window).
+    """
     lo, hi = min(0, size - window), max(0, size - window)
     central = int(np.clip(np.round(center - (window - 1) / 2), lo, hi))
-    # Neighbours only where the volume extends beyond one window.
-    ks = (-1, 0, 1) if step and size > window else (0,)
-    raw = [int(np.clip(central + k * step, lo, hi)) for k in ks]
+    k_max = int(np.ceil(max(0, extent - window) / (2 * step))) if size > window else 0
+    raw = [int(np.clip(central + k * step, lo, hi)) for k in range(-k_max, k_max + 1)]
     starts = sorted({align * (s // align) for s in raw})
     return starts, starts.index(align * (central // align))
 
@@ -64,6 +68,24 @@ def _blend_weights(shape):
     axes = [np.exp(-0.5 * ((np.arange(n) - (n - 1) / 2) / (_BLEND_SIGMA * n)) ** 2) for n in shape]
     w = functools.reduce(np.multiply.outer, axes)
     return np.maximum(w, 1e-3).astype(np.float32)
+
+
+class _Blend:
+    """Running Gaussian-weighted average of window outputs [x, y, z, C] over a region (x, y, z)."""
+
+    def __init__(self, region, window, channels):
+        self.weight = _blend_weights(window)
+        self.total = np.zeros(tuple(region) + (channels,), np.float32)
+        self.norm = np.zeros(tuple(region), np.float32)
+
+    def add(self, output, start):
+        sl = tuple(slice(s, s + n) for s, n in zip(start, self.weight.shape))
+        self.total[sl] += output * self.weight[..., None]
+        self.norm[sl] += self.weight
+
+    def result(self):
+        # The windows tile the region (a full product of starts), so norm > 0 wherever it matters.
+        return self.total / np.maximum(self.norm, 1e-12)[..., None]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -82,40 +104,47 @@ def _apply(model, kind, params, images):
 
 
 class Predictor:
-    """A trained (or freshly initialised) network turned into ``predict(image, affine)``."""
+    """A trained (or freshly initialised) network turned into ``predict(image, affine)``.
 
-    def __init__(self, config, params, batch_size: int = 1):
+    batch_size: windows per forward call (default: 1 on CPU, 8 on an accelerator).
+    margin_mm: added on each side of the template's extent around the estimated centre, for
+      anatomical variation and the centre estimate's error.
+    """
+
+    def __init__(self, config, params, batch_size: int | None = None, margin_mm: float = 20.0):
         self.config = config
         self.params = params
-        self.batch_size = batch_size
+        self.batch_size = batch_size or (1 if jax.default_backend() == "cpu" else 8)
         self.window = tuple(int(n) for n in config.data.crop_shape)
         self.stride = int(config.model.heatmap_stride)
         self.kind = "logits" if config.loss.heatmap == "softmax_ce" else "gaussian"
+        self.extent_vox = np.ceil(2 * (_COW_HALF_EXTENT_MM + margin_mm)
+                                  / np.asarray(config.data.spacing)).astype(int)
         self.model = unet.build_model(config)
         self._forward = functools.partial(_apply, self.model, self.kind)
 
     @classmethod
-    def from_workdir(cls, workdir, batch_size: int = 1) -> "Predictor":
+    def from_workdir(cls, workdir, **kwargs) -> "Predictor":
         """The run's best checkpoint (``checkpoint.load_for_inference``); CowjaxError if none."""
         from cowjax.training import checkpoint
         config, params = checkpoint.load_for_inference(workdir)
-        return cls(config, params, batch_size=batch_size)
+        return cls(config, params, **kwargs)
 
-    def _run_windows(self, volume, starts):
-        """Forward every window (start voxels [W, 3]) of ``volume`` [X, Y, Z] (zero outside).
-
-        Returns the stacked outputs, leading axis W."""
+    def _window_outputs(self, volume, starts, keys):
+        """Yield (window index, {key: output}) for each window start [3] of ``volume`` (zero
+        outside). Batches have a fixed size (the last one zero-padded): one compiled shape."""
         lo = np.maximum(0, -starts.min(axis=0))
         hi = np.maximum(0, starts.max(axis=0) + self.window - volume.shape)
         padded = np.pad(volume, list(zip(lo, hi)))
-        crops = np.stack([padded[tuple(slice(s, s + n) for s, n in zip(st + lo, self.window))]
-                          for st in starts])[..., None]
-        # A fixed batch (last one zero-padded) keeps a single compiled shape.
-        pad = -len(crops) % self.batch_size
-        crops = np.concatenate([crops, np.zeros((pad,) + crops.shape[1:], crops.dtype)])
-        outs = [jax.device_get(self._forward(self.params, jnp.asarray(crops[i:i + self.batch_size])))
-                for i in range(0, len(crops), self.batch_size)]
-        return {k: np.concatenate([o[k] for o in outs])[:len(starts)] for k in outs[0]}
+        for i in range(0, len(starts), self.batch_size):
+            chunk = starts[i:i + self.batch_size] + lo
+            crops = np.zeros((self.batch_size,) + self.window + (1,), np.float32)
+            for j, st in enumerate(chunk):
+                crops[j, ..., 0] = padded[tuple(slice(s, s + n) for s, n in zip(st, self.window))]
+            out = self._forward(self.params, jnp.asarray(crops))
+            out = jax.device_get({k: out[k] for k in keys})
+            for j in range(len(chunk)):
+                yield i + j, {k: v[j] for k, v in out.items()}
 
     def predict(self, image, affine, segmentation: bool = False) -> Prediction:
         """Landmarks of one image. image: [X, Y, Z] (any orientation, any size); affine: [4, 4]
@@ -125,49 +154,40 @@ class Predictor:
                        np.full((anatomy.NUM_LANDMARKS, 3), np.nan))
         prep = preprocess.preprocess_case(case, self.config)
         volume, grid_affine = prep["image"], prep["affine"]
-        per_axis = [_window_starts(c, n, w, int(w * _WINDOW_STEP), self.stride)
-                    for c, n, w in zip(prep["fov_center"], volume.shape, self.window)]
+        per_axis = [_window_starts(c, n, w, w // 2, e, self.stride) for c, n, w, e in
+                    zip(prep["fov_center"], volume.shape, self.window, self.extent_vox)]
         starts = np.array(list(itertools.product(*(s for s, _ in per_axis))))
         central = int(np.ravel_multi_index([i for _, i in per_axis], [len(s) for s, _ in per_axis]))
-        out = self._run_windows(volume, starts)
 
-        origin = starts.min(axis=0)                       # region start on the grid, multiple of stride
-        region = tuple(starts.max(axis=0) - origin + self.window)
-        heat = _blend(out["heatmaps"], (starts - origin) // self.stride,
-                      tuple(n // self.stride for n in region))
-        coords, confidence = decode.decode_heatmaps(heat[None], stride=self.stride, kind=self.kind)
-        grid_vox = np.asarray(coords[0], np.float64) + origin
-        landmarks = preprocess.voxel_to_world(grid_vox, grid_affine)
+        origin = starts.min(axis=0)                 # region start on the grid, a multiple of stride
+        region = starts.max(axis=0) - origin + self.window
+        s = self.stride
+        heat = _Blend(region // s, tuple(n // s for n in self.window), anatomy.NUM_LANDMARKS)
+        seg = _Blend(region, self.window, anatomy.NUM_CLASSES) if segmentation else None
+        keys = ["heatmaps", "bifurcation_prob", "present_prob"] + (["segmentation"] if seg else [])
+        for i, out in self._window_outputs(volume, starts, keys):
+            heat.add(out["heatmaps"], (starts[i] - origin) // s)
+            if seg is not None:
+                seg.add(out["segmentation"], starts[i] - origin)
+            if i == central:
+                attributes = out
+        coords, confidence = decode.decode_heatmaps(heat.result()[None], stride=s, kind=self.kind)
+        landmarks = preprocess.voxel_to_world(np.asarray(coords[0], np.float64) + origin, grid_affine)
 
         labels = None
-        if segmentation:
-            logits = _blend(out["segmentation"], starts - origin, region)
+        if seg is not None:
             grid_labels = np.zeros(volume.shape, np.uint8)
             # The region may stick out of the volume (padding): keep the part inside.
-            src = tuple(slice(max(0, -o), min(r, n - o)) for o, r, n in zip(origin, region, volume.shape))
-            dst = tuple(slice(max(0, o), min(o + r, n)) for o, r, n in zip(origin, region, volume.shape))
-            grid_labels[dst] = np.argmax(logits[src], axis=-1).astype(np.uint8)
+            shape = volume.shape
+            src = tuple(slice(max(0, -o), min(r, n - o)) for o, r, n in zip(origin, region, shape))
+            dst = tuple(slice(max(0, o), min(o + r, n)) for o, r, n in zip(origin, region, shape))
+            grid_labels[dst] = np.argmax(seg.result()[src], axis=-1).astype(np.uint8)
             labels = preprocess.resample(grid_labels, grid_affine, case.affine, image.shape,
                                          order=0).astype(np.uint8)
         return Prediction(landmarks=landmarks, confidence=np.asarray(confidence[0], np.float64),
-                          bifurcation_prob=out["bifurcation_prob"][central].astype(np.float64),
-                          present_prob=out["present_prob"][central].astype(np.float64),
+                          bifurcation_prob=attributes["bifurcation_prob"].astype(np.float64),
+                          present_prob=attributes["present_prob"].astype(np.float64),
                           segmentation=labels)
-
-
-def _blend(windows, starts, region):
-    """Gaussian-weighted average of window outputs [W, x, y, z, C] placed at ``starts`` [W, 3] in a
-    ``region`` (x, y, z) -> [x, y, z, C]."""
-    shape = windows.shape[1:4]
-    weight = _blend_weights(shape)
-    total = np.zeros(region + windows.shape[-1:], np.float32)
-    norm = np.zeros(region, np.float32)
-    for win, st in zip(windows, starts):
-        sl = tuple(slice(s, s + n) for s, n in zip(st, shape))
-        total[sl] += win * weight[..., None]
-        norm[sl] += weight
-    # The windows tile the region (a full product of starts), so norm > 0 wherever it matters.
-    return total / np.maximum(norm, 1e-12)[..., None]
 
 
 # ------------------------------------------------------------------------------------ run_predict
