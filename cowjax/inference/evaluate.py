@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from cowjax import anatomy
 from cowjax.data import io, preprocess
 from cowjax.errors import CowjaxError, atomic_output
-from cowjax.inference import figures, metrics
+from cowjax.inference import decode, figures, metrics
 from cowjax.inference.predict import Predictor
 
 NUM_MIP_CASES = 3
@@ -101,7 +102,8 @@ def markdown(run: str, data_name: str, report: dict) -> str:
     lines = [f"# Evaluation of `{run}` on `{data_name}`", "",
              f"Checkpoint config heatmap loss: {report['heatmap_loss']}; decode: {report['decode']}.",
              "Only landmarks with ground truth count. Complete circle = all 7 variable segments "
-             "present (from attributes.json); variant = at least one absent.", "",
+             "present (from attributes.json); variant = at least one absent. Cases without a "
+             f"landmark file (not scored): {len(report['cases_without_ground_truth'])}.", "",
              "| | " + " | ".join(GROUPS) + " |", "|---|" + "---|" * len(GROUPS)]
     rows = [("cases", lambda g: str(g["num_cases"])),
             ("landmarks with ground truth", lambda g: str(g.get("num_landmarks", 0))),
@@ -150,7 +152,8 @@ def _case_dirs(workdir: Path, data_dir) -> tuple[str, list[Path]]:
         return Path(data_dir).name, io.list_cases(data_dir)
     split = workdir / "split.json"
     if not split.is_file():
-        raise CowjaxError(f"{split}: not found; pass --data_dir to evaluate on cases with ground truth")
+        raise CowjaxError(f"{split}: not found; pass --data_dir to evaluate on cases with "
+                          f"ground truth")
     try:
         recorded = json.loads(split.read_text())
         test = recorded["test"]
@@ -181,14 +184,18 @@ def _json_default(v):
 
 def evaluate_run(workdir, data_dir=None) -> tuple[dict, dict, Path]:
     """Evaluate one run: (report dict, per-landmark errors [N, 19], output folder)."""
-    from tqdm import tqdm
     workdir = Path(workdir)
     name, case_dirs = _case_dirs(workdir, data_dir)
+    # Only cases with ground truth are scored (a folder may hold just an image).
+    scored = [d for d in case_dirs if any((Path(d) / f).is_file() for f in io.LANDMARK_FILES)]
+    if not scored:
+        raise CowjaxError(f"{data_dir or workdir / 'split.json'}: no case has a landmark file "
+                          f"({', '.join(io.LANDMARK_FILES)}) to evaluate against")
     predictor = Predictor.from_workdir(workdir)
     out_dir = workdir / "eval" / name
     out_dir.mkdir(parents=True, exist_ok=True)
     records, figs = [], []
-    for i, d in enumerate(tqdm(case_dirs, desc=f"eval {workdir.name}", unit="case")):
+    for i, d in enumerate(tqdm(scored, desc=f"eval {workdir.name}", unit="case")):
         case = io.load_case(d)
         records.append(score_case(predictor, case))
         if i < NUM_MIP_CASES:
@@ -197,7 +204,9 @@ def evaluate_run(workdir, data_dir=None) -> tuple[dict, dict, Path]:
     figs.insert(0, figures.landmark_error_bars(out_dir / "landmark_errors.png",
                                                {workdir.name: errors}))
     report = {"run": str(workdir), "data": name, "cases": [r["case_id"] for r in records],
-              "heatmap_loss": predictor.config.loss.heatmap, "decode": predictor.kind + ", quadratic",
+              "cases_without_ground_truth": [Path(d).name for d in case_dirs if d not in scored],
+              "heatmap_loss": predictor.config.loss.heatmap,
+              "decode": f"{predictor.kind} heatmaps, {decode.DEFAULT_METHOD} refinement",
               "groups": {g: summarize(_group(records, g)) for g in GROUPS},
               "per_case_mre_mm": {r["case_id"]: _nan_to_none(metrics.mre(r["errors_mm"]))
                                   for r in records},
@@ -212,10 +221,13 @@ def evaluate_run(workdir, data_dir=None) -> tuple[dict, dict, Path]:
 def run_eval(workdirs, data_dir=None) -> dict[str, dict]:
     """Evaluate each run on ``data_dir`` (cases with ground truth) or, when None, on its own test
     split; print the summaries and where the reports are. Returns {workdir: report}."""
+    names = [Path(w).name for w in workdirs]
+    if len(set(names)) < len(names):
+        names = [str(w) for w in workdirs]
     reports, errors, dirs = {}, {}, []
-    for w in workdirs:
-        report, err, out_dir = evaluate_run(w, data_dir)
-        reports[str(w)], errors[Path(w).name] = report, err
+    for w, name in zip(workdirs, names):
+        report, errors[name], out_dir = evaluate_run(w, data_dir)
+        reports[str(w)] = report
         dirs.append(out_dir)
         g = report["groups"]["all"]
         sdr = " ".join(f"{r}mm {_fmt(g['sdr'][str(r)], 100, 1)}%" for r in metrics.SDR_RADII_MM)
@@ -226,13 +238,9 @@ def run_eval(workdirs, data_dir=None) -> dict[str, dict]:
               f"{_fmt(g['landmark_attr_accuracy'], 100, 1)}%")
         print(f"  report: {out_dir / 'report.md'} (figures in {out_dir})")
     if len(workdirs) > 1:
-        names = [Path(w).name for w in workdirs]
-        if len(set(names)) < len(names):
-            names = [str(w) for w in workdirs]
         summaries = {n: r["groups"]["all"] for n, r in zip(names, reports.values())}
         comp = figures.compare_runs(dirs[0] / "comparison.png", summaries)
-        figures.landmark_error_bars(dirs[0] / "landmark_errors_runs.png",
-                                    dict(zip(names, errors.values())))
+        figures.landmark_error_bars(dirs[0] / "landmark_errors_runs.png", errors)
         with atomic_output(dirs[0] / "comparison.md") as tmp:
             tmp.write_text(comparison_markdown(summaries))
         print(f"comparison of {len(workdirs)} runs: {dirs[0] / 'comparison.md'}, {comp}")
