@@ -73,7 +73,7 @@ def _echo_predictor(stride):
 @pytest.mark.parametrize("affine, shape, windows", [
     (_affine((1.5, 1.5, 1.5)), (40, 40, 30), 1),                     # smaller than the window
     (_affine((1.2, 0.9, 2.0), 30.0, (-1, -1, 1), (24.0, 39.0, -24.0)), (60, 70, 30), None),  # oblique
-    (_affine((2.0, 2.0, 2.0), origin=(-60.0, -80.0, -50.0)), (90, 85, 60), 9),  # sliding windows
+    (_affine((2.0, 2.0, 2.0), origin=(-60.0, -80.0, -50.0)), (90, 85, 60), 27),  # sliding windows
 ])
 def test_world_coordinates_survive_any_affine_and_size(stride, affine, shape, windows):
     centre = np.array([4.0, -2.5, 1.3])
@@ -85,14 +85,13 @@ def test_world_coordinates_survive_any_affine_and_size(stride, affine, shape, wi
     np.testing.assert_allclose(pred.landmarks, np.broadcast_to(centre, (L, 3)), atol=0.5)
 
 
-def test_sliding_windows_cover_the_extent_and_blend_exactly():
-    # Centre at 40, window 32, half-window steps; an extent of 96 needs two steps each way.
-    starts, central = predict._window_starts(40.0, size=100, window=32, step=16, extent=96, align=2)
-    assert starts == [0, 8, 24, 40, 56] and starts[central] == 24
+def test_sliding_windows_and_blending():
+    starts, central = predict._window_starts(40.0, size=100, window=32, step=6, align=2)
+    assert starts == [18, 24, 30] and starts[central] == 24
     # Kept inside the volume, and one window when the volume is smaller than it.
-    starts, _ = predict._window_starts(90.0, size=100, window=32, step=16, extent=40, align=1)
-    assert starts == [52, 68]
-    starts, central = predict._window_starts(5.0, size=12, window=32, step=16, extent=96, align=1)
+    starts, _ = predict._window_starts(90.0, size=100, window=32, step=6, align=1)
+    assert starts == [62, 68]
+    starts, central = predict._window_starts(5.0, size=12, window=32, step=6, align=1)
     assert len(starts) == 1 and -20 <= starts[0] <= 0 and central == 0
     # Windows cut from one field blend back to that field wherever they cover it.
     field = np.random.default_rng(0).random((6, 5, 6, 2)).astype(np.float32)

@@ -3,11 +3,11 @@
 An image goes through the training preprocessing (``preprocess.preprocess_case``: canonical RAS grid
 at ``config.data.spacing``, intensity normalisation) and the field of view is found without
 landmarks (``preprocess.estimate_fov_center``). The network sees ``config.data.crop_shape`` windows:
-the one centred there and, where the volume is larger, neighbours half a window apart covering the
-circle's extent (the template's bounding box plus a margin). Their outputs are blended with Gaussian
-weights (highest at each window's centre) before decoding, and the decoded voxel coordinates go back
-to the image's world exactly through the grid affine. The attribute heads are read from the central
-window, the one placed as in training.
+the one centred there and, where the volume is larger, neighbours shifted by a margin on each axis
+(by default the training's random translation, ``config.data.augment.translate_mm``, so every window
+is placed as some training crop was). Their outputs are blended with Gaussian weights (highest at
+each window's centre) before decoding, and the decoded voxel coordinates go back to the image's world
+exactly through the grid affine. The attribute heads are read from the central window.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from cowjax.model import unet
 OUTPUT_SUFFIXES = (".mrk.json", ".json", ".csv")
 # Gaussian blending: sigma as a fraction of the window (as nnU-Net's sliding windows).
 _BLEND_SIGMA = 1 / 8
-# Half the size of the template's bounding box (mm): the extent the windows must cover, plus a margin.
-_COW_HALF_EXTENT_MM = (anatomy.TEMPLATE_LANDMARKS.max(0) - anatomy.TEMPLATE_LANDMARKS.min(0)) / 2
 
 
 @dataclasses.dataclass
@@ -48,18 +46,17 @@ class Prediction:
     segmentation: np.ndarray | None = None
 
 
-def _window_starts(center, size, window, step, extent, align):
+def _window_starts(center, size, window, step, align):
     """Window starts along one axis, all multiples of ``align`` (the heatmap stride).
 
-    The window centred on ``center`` and neighbours ``k * step`` away for as many k as cover
-    ``extent`` voxels around the centre, each kept inside the volume (a volume smaller than the window
-    gets one window holding all of it). Returns (sorted starts, index of the central window).
+    The window centred on ``center`` and, where the volume is larger than a window, the two shifted
+    by ``step`` either way; each kept inside the volume (a volume smaller than the window gets one
+    window holding all of it). Returns (sorted starts, index of the central window).
     """
     lo, hi = min(0, size - window), max(0, size - window)
     central = int(np.clip(np.round(center - (window - 1) / 2), lo, hi))
-    k_max = int(np.ceil(max(0, extent - window) / (2 * step))) if size > window else 0
-    raw = [int(np.clip(central + k * step, lo, hi)) for k in range(-k_max, k_max + 1)]
-    starts = sorted({align * (s // align) for s in raw})
+    shifts = (-step, 0, step) if step and size > window else (0,)
+    starts = sorted({align * (int(np.clip(central + k, lo, hi)) // align) for k in shifts})
     return starts, starts.index(align * (central // align))
 
 
@@ -107,19 +104,25 @@ class Predictor:
     """A trained (or freshly initialised) network turned into ``predict(image, affine)``.
 
     batch_size: windows per forward call (default: 1 on CPU, 8 on an accelerator).
-    margin_mm: added on each side of the template's extent around the estimated centre, for
-      anatomical variation and the centre estimate's error.
+    margin_mm: how far the neighbouring windows are shifted from the central one (at most half a
+      window); the region covered is the window plus this margin on each side. Default: the
+      training's random crop translation. 0: the central window only.
     """
 
-    def __init__(self, config, params, batch_size: int | None = None, margin_mm: float = 20.0):
+    def __init__(self, config, params, batch_size: int | None = None,
+                 margin_mm: float | None = None):
         self.config = config
         self.params = params
         self.batch_size = batch_size or (1 if jax.default_backend() == "cpu" else 8)
         self.window = tuple(int(n) for n in config.data.crop_shape)
         self.stride = int(config.model.heatmap_stride)
         self.kind = "logits" if config.loss.heatmap == "softmax_ce" else "gaussian"
-        self.extent_vox = np.ceil(2 * (_COW_HALF_EXTENT_MM + margin_mm)
-                                  / np.asarray(config.data.spacing)).astype(int)
+        if margin_mm is None:
+            margin_mm = config.data.augment.translate_mm
+        margin = np.round(margin_mm / np.asarray(config.data.spacing, np.float64)).astype(int)
+        self.step = np.minimum(margin, np.array(self.window) // 2)
+        if margin_mm > 0:  # a shift below the heatmap stride would be rounded away
+            self.step = np.maximum(self.step, self.stride)
         self.model = unet.build_model(config)
         self._forward = functools.partial(_apply, self.model, self.kind)
 
@@ -154,8 +157,8 @@ class Predictor:
                        np.full((anatomy.NUM_LANDMARKS, 3), np.nan))
         prep = preprocess.preprocess_case(case, self.config)
         volume, grid_affine = prep["image"], prep["affine"]
-        per_axis = [_window_starts(c, n, w, w // 2, e, self.stride) for c, n, w, e in
-                    zip(prep["fov_center"], volume.shape, self.window, self.extent_vox)]
+        per_axis = [_window_starts(c, n, w, st, self.stride) for c, n, w, st in
+                    zip(prep["fov_center"], volume.shape, self.window, self.step)]
         starts = np.array(list(itertools.product(*(s for s, _ in per_axis))))
         central = int(np.ravel_multi_index([i for _, i in per_axis], [len(s) for s, _ in per_axis]))
 
