@@ -67,7 +67,8 @@ def test_rigid_fit_error_under_noise_matches_theory():
         fixed = clean + rng.normal(0, sigma, clean.shape)
         est = lm.fit_transform(fixed, MOVING)
         sse.append(np.sum(lm.residuals(fixed, MOVING, est) ** 2))
-        centre_err2.append(np.sum((lm.apply_transform(est, centroid) - lm.apply_transform(truth, centroid)) ** 2))
+        err = lm.apply_transform(est, centroid) - lm.apply_transform(truth, centroid)
+        centre_err2.append(np.sum(err ** 2))
     assert np.mean(sse) == pytest.approx(sigma ** 2 * (3 * n - 6), rel=0.05)
     assert np.mean(centre_err2) == pytest.approx(3 * sigma ** 2 / n, rel=0.15)
 
@@ -194,7 +195,8 @@ def test_align_case_to_template_moves_world_frame():
     aff = _oblique_affine(2.5, shape, rotvec_deg=(10, 0, 0))
     points = np.random.default_rng(0).uniform(-20, 20, (19, 3))
     # The case's landmarks, in its own world, are the preimages of template-space points.
-    case = io.Case("c", _render(aff, shape, truth), aff, lm.apply_transform(np.linalg.inv(truth), points))
+    case = io.Case("c", _render(aff, shape, truth), aff,
+                   lm.apply_transform(np.linalg.inv(truth), points))
     aligned = intensity.align_case_to_template(case, template, levels_mm=(5.0, 2.5), steps=(60, 40))
     np.testing.assert_allclose(aligned.landmarks, points, atol=0.5)
     assert aligned.image is case.image                          # data untouched, only the frame

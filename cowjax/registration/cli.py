@@ -7,7 +7,7 @@ Landmarks come from the trained detector in ``workdir`` (weighted by its confide
 given landmark files. Writes, beside each other:
   <stem>.nii.gz          the moving image resampled onto the fixed grid (trilinear, fixed affine)
   <stem>.transform.json  the [4, 4] world transform, landmarks used, residuals, leave-one-out TRE
-  <stem>.png             overlay: fixed in grey, moved in orange, landmarks marked (axial + coronal MIPs)
+  <stem>.png             overlay: fixed grey, moved orange, landmarks marked (axial + coronal MIPs)
 """
 
 from __future__ import annotations
@@ -122,7 +122,8 @@ def format_table(res: np.ndarray, tre: np.ndarray, used: np.ndarray) -> str:
     width = max(len(n) for n in anatomy.LANDMARKS)
     lines = [f"{'landmark':<{width}}  residual_mm  loo_tre_mm"]
     for name, r, t, u in zip(anatomy.LANDMARKS, res, tre, used):
-        lines.append(f"{name:<{width}}  {_cell(r) if u else 'not used':>11}  {_cell(t) if u else '':>10}")
+        cells = (_cell(r), _cell(t)) if u else ("not used", "")
+        lines.append(f"{name:<{width}}  {cells[0]:>11}  {cells[1]:>10}")
     lines.append(f"{'mean (' + str(int(used.sum())) + ' used)':<{width}}  "
                  f"{_cell(_nanmean(res)):>11}  {_cell(_nanmean(tre)):>10}")
     return "\n".join(lines)

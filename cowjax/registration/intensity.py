@@ -2,10 +2,11 @@
 
 A moving image is aligned to a fixed one (the template) by maximising the normalised
 cross-correlation (NCC) between the fixed image and the moving image resampled through a rigid
-transform. The resampler is a differentiable trilinear gather (``jax.scipy.ndimage.map_coordinates``),
-the optimiser is Adam (optax) on 6 parameters, and the search runs coarse to fine over an image
-pyramid (4/2/1 mm by default). Each level's optimisation is one jitted ``lax.scan``; it is a pure
-function of arrays, so ``jax.vmap`` runs it over a batch of moving images (``register_rigid_batch``).
+transform, both first reduced to their vessels (``vessel_contrast``: a high-pass that drops the
+MRA background a vessel-only template lacks). The resampler is a differentiable trilinear
+gather (``jax.scipy.ndimage.map_coordinates``), the optimiser is Adam (optax) on 6 parameters, and
+the search runs coarse to fine over an image pyramid (4/2/1 mm by default). Each level's
+optimisation is one jitted ``lax.scan``; it is a pure function of arrays, so ``jax.vmap`` runs it over a batch of moving images (``register_rigid_batch``).
 
 The transform maps moving world -> fixed world (RAS mm):
     A(x) = R(r) (x - c) + c + t,   params = (r [3] rotation vector, rad; t [3] translation, mm),
@@ -131,7 +132,8 @@ def _fit_batch(values, points, movings, affines, centres, radius, params0, *, st
 
 # ---------------------------------------------------------------- host-side pyramid
 
-def pyramid_level(image: np.ndarray, affine: np.ndarray, spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
+def pyramid_level(image: np.ndarray, affine: np.ndarray,
+                  spacing_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """Smooth and subsample an image to about ``spacing_mm`` per voxel, keeping its orientation.
 
     Returns (image [x, y, z] float32, affine [4, 4]) with the same world extent; voxel i of the
@@ -149,7 +151,8 @@ def pyramid_level(image: np.ndarray, affine: np.ndarray, spacing_mm: float) -> t
     return coarse, affine @ np.diag([*step, 1.0])
 
 
-def vessel_contrast(image: np.ndarray, affine: np.ndarray, background_mm: float = _BACKGROUND_MM) -> np.ndarray:
+def vessel_contrast(image: np.ndarray, affine: np.ndarray,
+                    background_mm: float = _BACKGROUND_MM) -> np.ndarray:
     """Bright thin structures only: the image minus its Gaussian blur (``background_mm``), >= 0,
     scaled so the 99.9th percentile is 1 and clipped there.
 
@@ -158,7 +161,8 @@ def vessel_contrast(image: np.ndarray, affine: np.ndarray, background_mm: float 
     """
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     image = np.asarray(image, np.float32)
-    high = np.maximum(image - ndimage.gaussian_filter(image, background_mm / spacing, mode="nearest"), 0)
+    background = ndimage.gaussian_filter(image, background_mm / spacing, mode="nearest")
+    high = np.maximum(image - background, 0.0)
     top = np.quantile(high, 0.999)
     return np.minimum(high / top, 1.0) if top > 0 else high
 
