@@ -91,3 +91,20 @@ def test_unknown_landmark_makes_its_attributes_unknown():
     assert lm_known[anatomy.LANDMARK_INDEX["M1_M2_R"]] == 1
     derived = targets.derive_segments(vessels > 0, affine, landmarks)
     assert not np.any(derived == 1 + anatomy.SEGMENT_INDEX["P2_R"])  # needs the unknown end
+
+
+def test_derived_labels_match_the_synthetic_generator():
+    """The generator's own labels are the ground truth; measured mean Dice ~0.86 at 1 mm."""
+    from cowjax.data import synthetic
+
+    case = synthetic.generate_case(7, 1, spacing=(1.0, 1.0, 1.0))
+    derived = targets.derive_segments(case.vessels > 0, case.affine, case.landmarks)
+    dice = [_dice(case.segments == c, derived == c) for c in range(1, anatomy.NUM_CLASSES)
+            if np.any(case.segments == c)]
+    assert np.mean(dice) > 0.75, dice
+    present, known, lm_attr, _ = targets.derive_attributes(derived, case.affine, case.landmarks)
+    assert known.all()
+    np.testing.assert_array_equal(
+        present > 0, [case.attributes["segments"][n] for n in anatomy.SEGMENTS])
+    np.testing.assert_array_equal(
+        lm_attr > 0, [case.attributes["landmarks"][n] for n in anatomy.LANDMARKS])

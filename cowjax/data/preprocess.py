@@ -106,10 +106,10 @@ def _tubularity(image: np.ndarray, sigma_vox: np.ndarray) -> np.ndarray:
     return out * inner
 
 
-def estimate_fov_center(image: np.ndarray, affine: np.ndarray, radius_mm: float = 20.0) -> np.ndarray:
+def estimate_fov_center(image: np.ndarray, affine: np.ndarray, radius_mm: float = 40.0) -> np.ndarray:
     """A landmark-free estimate of the Circle of Willis centre: [3] world RAS mm.
 
-    Vessel-like voxels are the 0.1 % most tubular (``_tubularity`` at a ~1.2 mm scale, so bright
+    Vessel-like voxels are the 2 % most tubular (``_tubularity`` at a ~1.2 mm scale, so bright
     plates and large bright blobs do not count). The centre is the densest cluster of them: the mode
     of their ``radius_mm``-smoothed count, refined by mean-shift steps, so isolated tubes elsewhere
     do not pull it. Works on a >= 1.5 mm subsample: plenty for a centre, and cheap.
@@ -119,7 +119,7 @@ def estimate_fov_center(image: np.ndarray, affine: np.ndarray, radius_mm: float 
     small = np.asarray(image, dtype=np.float32)[::stride[0], ::stride[1], ::stride[2]]
     vox = zooms * stride
     tube = _tubularity(small, 1.2 / vox).ravel()
-    k = max(10, tube.size // 1000)
+    k = max(10, tube.size // 50)
     idx = np.argpartition(tube, -k)[-k:]
     idx = idx[tube[idx] > 0]
     if idx.size == 0:  # nothing tubular: the middle of the field of view
