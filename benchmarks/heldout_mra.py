@@ -476,7 +476,7 @@ def _sig(x):
     return special.expit(x)
 
 
-def render_background(rng, shape, head_coords, sp, scale, slice_axis):
+def render_background(rng, shape, head_coords, sp, scale):
     hx, hy, hz = head_coords
     s = float(np.mean(scale))
     tissue = float(rng.uniform(0.18, 0.34))
@@ -493,8 +493,8 @@ def render_background(rng, shape, head_coords, sp, scale, slice_axis):
     img *= 1 + rng.uniform(0.02, 0.06) * _smooth_noise(rng, shape, sp, 4.0)
     sul = _smooth_noise(rng, shape, sp, 9.0)
     sulci = np.exp(-(sul / rng.uniform(0.08, 0.18)) ** 2)
-    depth_w = _sig((dist + 25.0) / 6.0)                      # sulci mostly in the outer cortex
-    img *= 1 - rng.uniform(0.3, 0.6) * sulci * depth_w
+    depth_w = _sig((dist + 18.0) / 5.0)                      # sulci mostly in the outer cortex
+    img *= 1 - rng.uniform(0.15, 0.5) * sulci * depth_w
     # Dark basal cisterns around the circle.
     cis = np.sqrt((hx / (20 * s)) ** 2 + ((hy - 6 * s) / (16 * s)) ** 2 + ((hz + 2) / (9 * s)) ** 2)
     img *= 1 - rng.uniform(0.3, 0.6) * _sig((1 - cis) / 0.12)
@@ -504,9 +504,8 @@ def render_background(rng, shape, head_coords, sp, scale, slice_axis):
     below = floor - hz                                       # > 0 under the floor
     under_w = _sig(below / 1.0)
     base_tex = np.clip(0.15 + 0.25 * _smooth_noise(rng, shape, sp, 7.0), 0.02, 0.7) * tissue * 2.2
-    bone = np.clip(below / 4.0, 0, 1) * (below < 4.5)
     base_val = np.where(below < 4.5, 0.03, base_tex)
-    img = img * (1 - under_w) + base_val * under_w * (1 - 0 * bone)
+    img = img * (1 - under_w) + base_val * under_w
     # Sphenoid sinus (air) and orbital fat.
     sph = np.sqrt((hx / 11.0) ** 2 + ((hy - 14 * s) / 10.0) ** 2 + ((hz + 34 * s) / 8.0) ** 2)
     img *= 1 - 0.95 * _sig((1 - sph) / 0.08)
@@ -559,9 +558,9 @@ def generate_case(seed, index, spacing=(0.5, 0.5, 0.8)):
                   + M[r, 2] * ii[2][None, None, :] + np.float32(b[r]))
     hc = [h.astype(np.float32) for h in hc]
     slice_axis = int(np.argmax(np.abs(A[2, :3])))
-    bg, tissue = render_background(rng, shape, hc, sp, anat["scale"], slice_axis)
+    bg, tissue = render_background(rng, shape, hc, sp, anat["scale"])
     del hc
-    c_params = (tissue * rng.uniform(2.4, 4.5), rng.uniform(80, 260), rng.uniform(0.35, 0.65))
+    c_params = (tissue * rng.uniform(3.0, 5.5), rng.uniform(100, 300), rng.uniform(0.5, 0.75))
     w, cf, mask, seg = render_vessels(anat["vessels"], anat["aneurysms"], to_vox, shape, sp, rng,
                                       c_params)
     img = bg * (1 - w) + cf * w
