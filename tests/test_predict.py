@@ -145,6 +145,16 @@ def test_ras_and_lps_storage_give_same_world_landmarks(workdir, tmp_path):
     np.testing.assert_allclose(a.present_prob, b.present_prob, atol=1e-4)
 
 
+def test_softmax_model_confidences_are_probabilities(workdir):
+    from cowjax.training import checkpoint
+    config, params = checkpoint.load_for_inference(workdir)
+    config.loss.heatmap = "softmax_ce"
+    img, affine = _image()
+    pred = predict.Predictor(config, params, margin_mm=3.0).predict(img, affine)
+    assert np.all(np.isfinite(pred.landmarks))
+    assert np.all((pred.confidence > 0) & (pred.confidence <= 1 + 1e-6))
+
+
 def test_every_output_format_reads_back(workdir, tmp_path):
     img, affine = _image()
     io.save_image(tmp_path / "img.nii.gz", img, affine)
