@@ -95,7 +95,8 @@ def _load_label(path: Path, shape: tuple[int, ...], affine: np.ndarray, max_labe
 
 
 def save_image(path: str | Path, data: np.ndarray, affine: np.ndarray) -> None:
-    """Write a NIfTI image atomically, keeping the dtype (uint8 labels stay uint8).
+    """Write a NIfTI image atomically, keeping the dtype (uint8 labels stay uint8; float64 and bool
+    are stored as float32 and uint8).
 
     Both sform and qform are set to ``affine`` (code 1, scanner) so every reader sees the same world.
     """
