@@ -174,12 +174,12 @@ def test_intensity_registration_recovers_known_rigid_transforms():
     fixed = _render(fixed_aff, shape)
     truths = [_transform(10 * np.array([1, 2, -1]) / np.sqrt(6), [6.0, -5.0, 5.5]),
               _transform([0, -8, 6], [-10.0, 0.0, 0.0])]
-    # Moving images on other grids (permuted, flipped, obliquely rotated axes), both 30x34x32.
-    mshape = (30, 34, 32)
-    maffs = [_oblique_affine(2.0, mshape, perm=(1, 0, 2), flip=(-1, 1, 1), centre=(3, -2, 1)),
-             _oblique_affine(2.0, mshape, rotvec_deg=(0, 0, 25), centre=(-4, 0, 2))]
-    movings = np.stack([_render(a, mshape, t) for a, t in zip(maffs, truths)])
-    est = intensity.register_rigid_batch(fixed, fixed_aff, movings, np.stack(maffs), **FAST)
+    # Moving images on other grids (permuted, flipped, obliquely rotated axes) and of other sizes.
+    mshapes = [(30, 34, 32), (28, 32, 36)]
+    maffs = [_oblique_affine(2.0, mshapes[0], perm=(1, 0, 2), flip=(-1, 1, 1), centre=(3, -2, 1)),
+             _oblique_affine(2.0, mshapes[1], rotvec_deg=(0, 0, 25), centre=(-4, 0, 2))]
+    movings = [_render(a, s, t) for a, s, t in zip(maffs, mshapes, truths)]
+    est = intensity.register_rigid_batch(fixed, fixed_aff, movings, maffs, **FAST)
     points = intensity.voxel_centres(fixed_aff, shape)
     for e, t in zip(est, truths):
         rot_err, disp_err = _pose_errors(e, t, points)

@@ -33,6 +33,8 @@ DEFAULT_LEVELS_MM = (4.0, 2.0, 1.0)
 DEFAULT_STEPS = (150, 100, 60)
 # Quantile above which voxels count as "bright" (vessel cores, not bright tissue) for centring.
 _BRIGHT_QUANTILE = 0.999
+# Moving images are zero-padded to a multiple of this many voxels per axis (fewer recompiles).
+_SHAPE_BUCKET = 16
 # Structures wider than this (mm) count as background for ``vessel_contrast``.
 _BACKGROUND_MM = 4.0
 
@@ -60,16 +62,18 @@ def rigid_matrix(params: jax.Array, centre: jax.Array) -> jax.Array:
                             jnp.array([[0.0, 0.0, 0.0, 1.0]])], axis=0)
 
 
-def sample(image: jax.Array, affine: jax.Array, points: jax.Array) -> tuple[jax.Array, jax.Array]:
+def sample(image: jax.Array, affine: jax.Array, points: jax.Array,
+           shape: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Trilinear image values at world points, differentiable in the points.
 
-    image: [X, Y, Z]; affine: [4, 4] voxel -> world; points: [P, 3] world mm.
+    image: [X, Y, Z]; affine: [4, 4] voxel -> world; points: [P, 3] world mm; shape: [3] the
+    image's true size when ``image`` is zero-padded at the high end (default: image.shape).
     Returns (values [P], inside [P] bool: the point lies within the image's voxel centres).
     """
     inv = jnp.linalg.inv(affine)
     vox = points @ inv[:3, :3].T + inv[:3, 3]
     values = jax.scipy.ndimage.map_coordinates(image, list(vox.T), order=1, mode="nearest")
-    upper = jnp.array(image.shape, vox.dtype) - 1.0
+    upper = (jnp.array(image.shape) if shape is None else shape).astype(vox.dtype) - 1.0
     inside = jnp.all((vox >= 0.0) & (vox <= upper), axis=1)
     return values, inside
 
@@ -94,19 +98,21 @@ def _params(z: jax.Array, radius: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("steps", "learning_rate"))
 def fit_level(fixed_values: jax.Array, fixed_points: jax.Array, moving: jax.Array,
-              moving_affine: jax.Array, centre: jax.Array, radius: jax.Array, params0: jax.Array,
+              moving_shape: jax.Array, moving_affine: jax.Array, centre: jax.Array,
+              radius: jax.Array, params0: jax.Array,
               *, steps: int, learning_rate: float) -> tuple[jax.Array, jax.Array]:
     """Adam on the 6 rigid parameters at one resolution; a pure function, vmap-able.
 
     fixed_values: [P] fixed intensities at fixed_points [P, 3] (world mm);
-    moving: [X, Y, Z] with moving_affine [4, 4]; centre: [3]; radius: [] mm; params0: [6].
+    moving: [X, Y, Z] zero-padded from its true moving_shape [3] (int), with moving_affine [4, 4];
+    centre: [3]; radius: [] mm; params0: [6].
     Returns (params [6], final NCC []).
     """
     def loss(z):
         p = _params(z, radius)
         # Fixed world -> moving world is the inverse of A: x = R^T (y - c - t) + c.
         points = (fixed_points - centre - p[3:]) @ rotation_matrix(p[:3]) + centre
-        values, inside = sample(moving, moving_affine, points)
+        values, inside = sample(moving, moving_affine, points, moving_shape)
         return -masked_ncc(fixed_values, values, inside)
 
     # Cosine decay: big steps to travel, small ones to settle below a voxel.
@@ -124,10 +130,11 @@ def fit_level(fixed_values: jax.Array, fixed_points: jax.Array, moving: jax.Arra
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "learning_rate"))
-def _fit_batch(values, points, movings, affines, centres, radius, params0, *, steps, learning_rate):
+def _fit_batch(values, points, movings, shapes, affines, centres, radius, params0, *, steps,
+               learning_rate):
     fit = functools.partial(fit_level, steps=steps, learning_rate=learning_rate)
-    return jax.vmap(fit, in_axes=(None, None, 0, 0, 0, None, 0))(
-        values, points, movings, affines, centres, radius, params0)
+    return jax.vmap(fit, in_axes=(None, None, 0, 0, 0, 0, None, 0))(
+        values, points, movings, shapes, affines, centres, radius, params0)
 
 
 # ---------------------------------------------------------------- host-side pyramid
@@ -220,9 +227,8 @@ def register_rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
     enhance: register ``vessel_contrast`` images (vessels without background) instead of raw ones.
     Returns: [4, 4] float64, moving world RAS mm -> fixed world RAS mm.
     """
-    matrices = register_rigid_batch(fixed, fixed_affine, np.asarray(moving)[None],
-                                    np.asarray(moving_affine)[None], levels_mm, steps,
-                                    learning_rate, max_points, init, enhance, seed)
+    matrices = register_rigid_batch(fixed, fixed_affine, [moving], [moving_affine], levels_mm,
+                                    steps, learning_rate, max_points, init, enhance, seed)
     return matrices[0]
 
 
@@ -231,9 +237,10 @@ def register_rigid_batch(fixed: np.ndarray, fixed_affine: np.ndarray, movings: n
                          steps=DEFAULT_STEPS, learning_rate: float = 0.5,
                          max_points: int = 1 << 16, init: str = "identity",
                          enhance: bool = True, seed: int = 0) -> np.ndarray:
-    """``register_rigid`` for a batch of same-shaped moving images, vmapped on the device.
+    """``register_rigid`` for a batch of moving images, vmapped on the device.
 
-    movings: [B, X, Y, Z]; moving_affines: [B, 4, 4]. Returns [B, 4, 4] moving -> fixed world.
+    movings: B arrays [X_b, Y_b, Z_b] (shapes may differ: each level pads them to one bucketed
+    shape); moving_affines: [B, 4, 4]. Returns [B, 4, 4] moving -> fixed world.
     """
     if len(levels_mm) != len(steps):
         raise CowjaxError(f"registration levels {levels_mm} and steps {steps} differ in length")
@@ -255,10 +262,14 @@ def register_rigid_batch(fixed: np.ndarray, fixed_affine: np.ndarray, movings: n
         # Rotation is measured as arc length at the RMS radius of the sampled region.
         radius = jnp.sqrt(jnp.mean(jnp.sum((points - points.mean(0)) ** 2, axis=1)))
         levels = [pyramid_level(m, a, level_mm) for m, a in pairs]
-        m_imgs = jnp.asarray(np.stack([m for m, _ in levels]))
+        shapes = np.array([m.shape for m, _ in levels])
+        # Zero-pad to a bucketed shape: images of similar size share one compiled function.
+        bucket = -(-shapes.max(axis=0) // _SHAPE_BUCKET) * _SHAPE_BUCKET
+        m_imgs = jnp.asarray(np.stack([np.pad(m, [(0, b - n) for b, n in zip(bucket, m.shape)])
+                                       for m, _ in levels]))
         m_affs = jnp.asarray(np.stack([a for _, a in levels]), jnp.float32)
         lr = learning_rate * level_mm / levels_mm[0]
-        params, _ = _fit_batch(values, points, m_imgs, m_affs, jnp.asarray(centres, jnp.float32),
+        params, _ = _fit_batch(values, points, m_imgs, jnp.asarray(shapes), m_affs, jnp.asarray(centres, jnp.float32),
                                radius, jnp.asarray(params, jnp.float32), steps=int(level_steps),
                                learning_rate=float(lr))
         params = np.asarray(params, np.float64)
