@@ -125,10 +125,11 @@ def _tortuous(ctrl, rng, tort):
 
 
 class Vessel:
-    def __init__(self, name, cls, path, r0, r1, c_scale=1.0):
+    def __init__(self, name, cls, path, r0, r1, c_scale=1.0, artery=True):
         self.name, self.cls, self.path = name, cls, path
         self.r = np.linspace(r0, r1, len(path))
         self.c_scale = c_scale
+        self.artery = artery      # veins are drawn but left out of the vessel mask
         self.dist0 = 0.0          # inflow path length at the start
 
 
@@ -206,9 +207,13 @@ def sample_anatomy(rng):
 
     vessels = []
 
-    def add(name, cls, ctrl, r0, r1=None, c_scale=1.0, wiggle=1.0):
+    def add(name, cls, ctrl, r0, r1=None, c_scale=1.0, wiggle=1.0, artery=True):
         path = catmull_rom(_tortuous(ctrl, rng, tort * wiggle), 0.25)
-        v = Vessel(name, cls, path, r0, r0 * 0.92 if r1 is None else r1, c_scale)
+        v = Vessel(name, cls, path, r0, r0 * 0.92 if r1 is None else r1, c_scale, artery)
+        # Smooth calibre irregularity along the vessel (+-8 %), knots every ~8 mm.
+        sarc = 0.25 * np.arange(len(path))
+        knots = np.arange(0.0, sarc[-1] + 8.0, 8.0)
+        v.r = v.r * (1 + 0.08 * np.interp(sarc, knots, rng.normal(size=len(knots))).clip(-2, 2))
         vessels.append(v)
         return v
 
@@ -321,6 +326,24 @@ def sample_anatomy(rng):
             ctrl.append(ctrl[-1] + d * length / 3)
         add("small", 0, ctrl, rng.uniform(0.25, 0.55), wiggle=0.5)
 
+    # Focal stenosis on a large vessel in some cases (middle of the vessel, not at landmarks).
+    if rng.random() < 0.15:
+        big = [v for v in vessels if v.r.mean() > 1.0 and len(v.path) > 40]
+        v = big[rng.integers(len(big))]
+        sarc = 0.25 * np.arange(len(v.path))
+        s0 = rng.uniform(0.3, 0.7) * sarc[-1]
+        v.r = v.r * (1 - rng.uniform(0.3, 0.6) * np.exp(-((sarc - s0) / 2.0) ** 2))
+    # Venous distractors with inflow signal: cavernous sinus, transverse/sigmoid sinus.
+    for s in "RL":
+        if rng.random() < 0.25:
+            add(f"cavernous_{s}", 0, [mirror(p, s) + jitter() * 0.5 for p in
+                                      [(9, 10, -22), (13, 2, -22), (15, -8, -23)]],
+                rng.uniform(2.0, 3.5), c_scale=rng.uniform(0.35, 0.6), wiggle=0.2, artery=False)
+        if rng.random() < 0.3:
+            add(f"sigmoid_{s}", 0, [mirror(p, s) + jitter() * 0.5 for p in
+                                    [(30, -95, 0), (45, -75, -12), (42, -60, -30), (35, -50, -45)]],
+                rng.uniform(2.5, 4.0), c_scale=rng.uniform(0.35, 0.7), wiggle=0.2, artery=False)
+
     # Inflow path length: ICA/VA roots at 0, then along the tree by nearest attachment.
     done = [v for v in vessels if v.name.startswith(("ICAsiphon", "VA_"))]
     for v in done:
@@ -410,10 +433,11 @@ def render_vessels(vessels, aneurysms, to_vox, shape, sp, rng, c_params):
     mask = np.zeros(shape, bool)
     seg = np.zeros(shape, np.uint8)
     psf = 0.38 * float(np.mean(sp))
-    base, L, floor = c_params
+    r_min = 0.87 * float(np.mean(sp))
+    base, L, floor, sat, slice_axis = c_params
     shape_a = np.array(shape)
 
-    def splat(p_vox, r, c, cls):
+    def splat(p_vox, r, c, cls, artery=True):
         r_eff = math.sqrt(r * r + psf * psf)
         amp = min(1.0, (r / r_eff) ** 1.5)
         h = np.ceil((1.7 * r_eff + 0.3) / sp).astype(int)
@@ -430,8 +454,9 @@ def render_vessels(vessels, aneurysms, to_vox, shape, sp, rng, c_params):
         better = val > cur
         cur[better] = val[better]
         cfield[sl][better] = c
-        inside = d2 < r * r
-        mask[sl] |= inside
+        inside = d2 < max(r, r_min) ** 2          # sub-voxel vessels keep their centreline voxels
+        if artery:
+            mask[sl] |= inside
         if cls:
             seg[sl][inside] = cls
 
@@ -440,13 +465,17 @@ def render_vessels(vessels, aneurysms, to_vox, shape, sp, rng, c_params):
         dist = v.dist0 + 0.25 * np.arange(len(v.path))
         cc = base * v.c_scale * (floor + (1 - floor) * np.exp(-dist / L))
         cc = cc * (1 + 0.04 * rng.normal())
+        # In-plane flow saturates more than through-plane flow.
+        tan = np.gradient(pv, axis=0) * sp
+        tan /= np.linalg.norm(tan, axis=1, keepdims=True) + 1e-9
+        cc = cc * (1 - sat * (1 - tan[:, slice_axis] ** 2))
         # A point every ~third of the radius is enough for a smooth tube.
         stride = max(1, int(min(v.r.min(), 1.2) / 0.25 * 0.45))
         idx = list(range(0, len(pv), stride))
         if idx[-1] != len(pv) - 1:
             idx.append(len(pv) - 1)
         for i in idx:
-            splat(pv[i], float(v.r[i]), float(cc[i]), v.cls)
+            splat(pv[i], float(v.r[i]), float(cc[i]), v.cls, v.artery)
     for a in aneurysms:
         for centre, r in a["blobs"]:
             # Rendered as a ball of splats (inhomogeneous slow flow inside).
@@ -560,7 +589,8 @@ def generate_case(seed, index, spacing=(0.5, 0.5, 0.8)):
     slice_axis = int(np.argmax(np.abs(A[2, :3])))
     bg, tissue = render_background(rng, shape, hc, sp, anat["scale"])
     del hc
-    c_params = (tissue * rng.uniform(3.0, 5.5), rng.uniform(100, 300), rng.uniform(0.5, 0.75))
+    c_params = (tissue * rng.uniform(3.0, 5.5), rng.uniform(100, 300), rng.uniform(0.5, 0.75),
+                rng.uniform(0.0, 0.25), slice_axis)
     w, cf, mask, seg = render_vessels(anat["vessels"], anat["aneurysms"], to_vox, shape, sp, rng,
                                       c_params)
     img = bg * (1 - w) + cf * w
