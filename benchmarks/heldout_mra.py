@@ -186,7 +186,7 @@ def sample_anatomy(rng):
         if rng.random() < 0.14:                          # fetal PCA
             present[f"P1_{s}"] = False
             radius[f"PCoA_{s}"] = rng.uniform(0.9, 1.3)
-        elif rng.random() < 0.42:
+        elif rng.random() < 0.5:
             present[f"PCoA_{s}"] = False
         if rng.random() < 0.06:
             present[f"A1_{s}"] = False

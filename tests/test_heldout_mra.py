@@ -41,3 +41,6 @@ def test_heldout_case_on_disk_landmarks_inside_and_bright(tmp_path):
     b = io.load_case(tmp_path / a.case_id)
     np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-6)
     np.testing.assert_allclose(a.image, b.image, rtol=1e-5, atol=1e-3)
+    # Landmarks written in RAS (declared in the Slicer file) read back as the same RAS points.
+    mod._write_ras_mrk(tmp_path / "ras.mrk.json", a.landmarks)
+    np.testing.assert_allclose(io.read_landmarks(tmp_path / "ras.mrk.json"), a.landmarks, atol=1e-9)
