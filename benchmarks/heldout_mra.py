@@ -18,7 +18,9 @@ Modelling, in short:
     cow19.md frequencies, landmark positions kept on the remaining vessel; radii +-25 %;
   * rendering: per centerline sample a super-Gaussian tube profile exp(-ln2 (d/r_eff)^4) with a
     partial-volume amplitude for thin vessels, combined by maximum of occupancy; vessel brightness
-    fades with path length from the inflow roots (ICA and vertebrals);
+    fades with path length from the inflow roots (ICA and vertebrals) and more for in-plane flow;
+    calibre wobbles +-8 % along each vessel, a focal stenosis in ~15 % of cases, and venous
+    distractors (cavernous / sigmoid sinus, kept out of the vessel mask) in some;
   * appearance: an ellipsoidal head with brain / CSF rim / dark skull with diploe / bright scalp
     fat / skin / air, a skull base (middle, anterior, posterior fossa) with a dark sphenoid sinus
     and bright orbital fat, dark basal cisterns around the circle, brain texture from two noise
