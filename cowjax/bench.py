@@ -120,7 +120,7 @@ def _bench_step(part, model, params, config, shape, repeats, use_project_loss):
     run()  # first call: allocation and warm-up
     sec = _median_time(run, repeats)
     voxels = config.batch_size * int(np.prod(shape))
-    _emit(part, loss=loss_name, conv_impl=conv.resolve_impl(config.model.conv_impl),
+    _emit(part, loss=loss_name, conv_impl=config.model.conv_impl,
           batch=config.batch_size, input=list(shape), step_s=round(sec, 4),
           steps_per_s=round(1 / sec, 3), voxels_per_s=round(voxels / sec),
           compile_s=round(compile_s, 1),
@@ -149,7 +149,7 @@ def _bench_inference(model, params, config, repeats):
         run()
         sec = _median_time(run, repeats if name == "crop" else min(repeats, 2))
         _emit("inference", volume=name, input=list(shape), spacing=list(config.data.spacing),
-              conv_impl=conv.resolve_impl(config.model.conv_impl), forward_s=round(sec, 4),
+              conv_impl=config.model.conv_impl, forward_s=round(sec, 4),
               voxels_per_s=round(int(np.prod(shape)) / sec),
               gflops_per_s=round(flops / sec / 1e9, 1) if flops else None)
 

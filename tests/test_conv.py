@@ -38,6 +38,7 @@ def test_formulation_matches_native(impl, shape, cin, cout):
 
 
 def test_auto_is_native_off_cpu():
+    assert conv.resolve_impl("auto", "cpu", (1, 64, 64, 48, 1)) in conv.IMPLS
     assert conv.resolve_impl("auto", "gpu") == "native"
     assert conv.resolve_impl("auto", "tpu") == "native"
     assert conv.resolve_impl("auto", "cpu") in conv.IMPLS

@@ -75,14 +75,22 @@ _FORMULATIONS = {"native": _native, "depth_sum": _depth_sum, "depth_stack": _dep
                  "im2col": _im2col}
 
 
-def resolve_impl(impl: str, platform: str | None = None) -> str:
-    """The concrete formulation ``impl`` stands for on ``platform`` (default: JAX's default backend)."""
+def resolve_impl(impl: str, platform: str | None = None, x_shape=None) -> str:
+    """The concrete formulation ``impl`` stands for on ``platform`` (default: JAX's default backend)
+    for an input of ``x_shape`` [B, X, Y, Z, Cin] (None: a typical layer)."""
     if impl not in IMPLS:
         raise ValueError(f"conv_impl {impl!r}: expected one of {IMPLS}")
     if impl != "auto":
         return impl
     platform = platform or jax.default_backend()
-    return "native" if platform != "cpu" else "depth_sum"
+    if platform != "cpu":
+        return "native"
+    # Measured on a 2-core AVX-512 CPU (BENCHMARKS.md), forward + both gradients: depth_stack is about
+    # 2x faster for very few input channels (the stem) and on small grids (the bottleneck), otherwise
+    # within noise of depth_sum or slower; both are 3-10x faster than native there.
+    if x_shape is not None and (x_shape[-1] < 8 or x_shape[1] * x_shape[2] * x_shape[3] <= 512):
+        return "depth_stack"
+    return "depth_sum"
 
 
 def conv3d(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
@@ -92,4 +100,4 @@ def conv3d(x: jax.Array, kernel: jax.Array, impl: str = "auto") -> jax.Array:
     """
     if kernel.shape[:3] != (3, 3, 3) or kernel.shape[3] != x.shape[-1]:
         raise ValueError(f"conv3d: kernel {kernel.shape} does not fit input {x.shape}")
-    return _FORMULATIONS[resolve_impl(impl)](x, kernel)
+    return _FORMULATIONS[resolve_impl(impl, x_shape=x.shape)](x, kernel)
