@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -116,12 +117,12 @@ class _Metrics:
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
-        if path.exists():
+        self.primary = jax.process_index() == 0
+        if self.primary and path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
             with atomic_output(path) as tmp:
                 tmp.write_text("".join(line + "\n" for line in kept))
-        self.primary = jax.process_index() == 0
 
     def write(self, record: dict) -> None:
         if self.primary:
@@ -136,14 +137,18 @@ class _Sigterm:
         self.received = False
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        # Signal handlers can only be set from the main thread; elsewhere SIGTERM keeps its default.
+        self.active = threading.current_thread() is threading.main_thread()
+        if self.active:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.received = True
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.previous)
+        if self.active:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def check_config(config) -> None:
