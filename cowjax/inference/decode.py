@@ -1,10 +1,12 @@
 """Heatmaps -> landmark voxel coordinates and confidences (jax.numpy, jittable, batched).
 
-The paper decodes by the argmax of each heatmap. A Gaussian peak between voxels is located more
-precisely by a 3-point quadratic fit per axis in the log domain (exact for a Gaussian; for a
-spatial-softmax model the logits are already that domain), or by a local soft-argmax. The fit is
-the default: on noise-free and noisy synthetic Gaussians it measured better (see
-``tests/test_decode.py`` and the project report).
+The paper decodes by the argmax of each heatmap. The default here refines it: a quadratic fit per
+axis, in the log domain (exact for a Gaussian; a spatial-softmax model's logits already are that
+domain), through the plane averages of the 3x3x3 neighbourhood of the peak. Measured on synthetic
+Gaussian peaks in a 24^3 volume (mean error over 64 peaks, voxels; argmax / 3-point soft-argmax /
+this fit): sigma 2 noise-free 0.45 / 0.37 / 0.00; sigma 2 + noise 0.05 0.57 / 0.48 / 0.17;
+sigma 4 + noise 0.05 0.96 / 0.93 / 0.54; sigma 1 + noise 0.1 0.54 / 0.27 / 0.27. (A plain 3-point
+fit along each axis through the peak: 0.32 at sigma 2 + noise 0.05, 0.82 at sigma 4 + noise 0.05.)
 
 Two kinds of heatmaps:
 - ``"gaussian"``: regressed Gaussian heatmaps (L2 loss, peak ~1). Confidence = peak height.
@@ -43,18 +45,23 @@ def _inside(idx, shape):
 
 
 def _quadratic_offset(flat, peak_idx, shape, kind):
-    """Sub-voxel offset [N, 3] from a parabola through (f[-1], f[0], f[+1]) on each axis."""
-    eye = jnp.eye(3, dtype=jnp.int32)
-    lo = peak_idx[:, None, :] - eye               # [N, 3 axes, 3]
-    hi = peak_idx[:, None, :] + eye
-    f0 = _gather(flat, peak_idx[:, None, :], shape)            # [N, 1]
-    fm, fp = _gather(flat, lo, shape), _gather(flat, hi, shape)  # [N, 3]
+    """Sub-voxel offset [N, 3]: per axis, a parabola through the 3x3x3 neighbourhood's three planes.
+
+    In the log domain a Gaussian is a sum of per-axis parabolas, so averaging each plane (the 3x3
+    values at offset -1, 0, +1 along the axis) keeps the fit exact while averaging out noise.
+    """
+    values = _gather(flat, peak_idx[:, None, :] + _CUBE, shape)          # [N, 27]
     if kind == "gaussian":
-        # log of a Gaussian is a parabola; floor relative to the peak keeps it finite.
-        floor = _LOG_FLOOR * jnp.maximum(f0, 1e-12)
-        f0, fm, fp = (jnp.log(jnp.maximum(v, floor)) for v in (f0, fm, fp))
+        # Floor relative to the peak keeps the log finite where the heatmap is ~0 or negative.
+        peak = values[:, 13:14]
+        values = jnp.log(jnp.maximum(values, _LOG_FLOOR * jnp.maximum(peak, 1e-12)))
+    cube = values.reshape(-1, 3, 3, 3)
+    planes = jnp.stack([cube.mean(axis=(2, 3)), cube.mean(axis=(1, 3)), cube.mean(axis=(1, 2))],
+                       axis=1)                                            # [N, axis, -1/0/+1]
+    fm, f0, fp = planes[..., 0], planes[..., 1], planes[..., 2]
     curvature = fm - 2.0 * f0 + fp
-    valid = _inside(lo, shape) & _inside(hi, shape) & (curvature < 0)
+    inside = (peak_idx > 0) & (peak_idx < jnp.array(shape) - 1)
+    valid = inside & (curvature < 0)
     offset = 0.5 * (fm - fp) / jnp.where(valid, curvature, -1.0)
     # The argmax is the best voxel, so the true peak lies within half a voxel of it.
     return jnp.where(valid, jnp.clip(offset, -0.5, 0.5), 0.0)
