@@ -9,7 +9,7 @@ import pytest
 
 from configs import test as test_config
 from cowjax import anatomy
-from cowjax.data import io
+from cowjax.data import io, preprocess
 from cowjax.errors import CowjaxError
 from cowjax.inference import evaluate, predict
 from cowjax.model import unet
@@ -83,6 +83,22 @@ def test_world_coordinates_survive_any_affine_and_size(stride, affine, shape, wi
     assert pred.landmarks.shape == (L, 3) and pred.confidence.shape == (L,)
     # Grid spacing is 3 mm; the peak is recovered to a fraction of a voxel.
     np.testing.assert_allclose(pred.landmarks, np.broadcast_to(centre, (L, 3)), atol=0.5)
+
+
+def test_landmarks_stay_inside_the_image():
+    """Zero padding beyond the volume's edge must never win, even where the heatmap is highest."""
+    affine = _affine((1.5, 1.5, 1.5))
+    img = _blob_image(affine, (40, 40, 30), np.zeros(3), noise=0.3) + 0.1
+    predictor = _echo_predictor(1)
+    echo = predictor._forward
+
+    def inverted(params, x):  # highest where the image is darkest: the zero padding
+        out = echo(params, x)
+        return {**out, "heatmaps": -out["heatmaps"]}
+
+    predictor._forward = inverted
+    vox = preprocess.world_to_voxel(predictor.predict(img, affine).landmarks, affine)
+    assert np.all((vox >= -0.5) & (vox <= np.array(img.shape) - 0.5))
 
 
 def test_sliding_windows_and_blending():

@@ -174,7 +174,13 @@ class Predictor:
                 seg.add(out["segmentation"], starts[i] - origin)
             if i == central:
                 attributes = out
-        coords, confidence = decode.decode_heatmaps(heat.result()[None], stride=s, kind=self.kind)
+        heatmaps = heat.result()
+        # Windows hanging over the volume's edge see zero padding there: no landmark can be there.
+        centres = [(np.arange(n) + 0.5) * s - 0.5 + o for n, o in zip(heatmaps.shape[:3], origin)]
+        inside = functools.reduce(np.multiply.outer, [(c >= -0.5) & (c <= n - 0.5) for c, n in
+                                                      zip(centres, volume.shape)])
+        heatmaps = np.where(inside[..., None], heatmaps, heatmaps.min())
+        coords, confidence = decode.decode_heatmaps(heatmaps[None], stride=s, kind=self.kind)
         landmarks = preprocess.voxel_to_world(np.asarray(coords[0], np.float64) + origin, grid_affine)
 
         labels = None
