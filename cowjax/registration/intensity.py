@@ -33,8 +33,6 @@ DEFAULT_LEVELS_MM = (4.0, 2.0, 1.0)
 DEFAULT_STEPS = (150, 100, 60)
 # Quantile above which voxels count as "bright" (vessel cores, not bright tissue) for centring.
 _BRIGHT_QUANTILE = 0.999
-# Moving images are zero-padded to a multiple of this many voxels per axis (fewer recompiles).
-_SHAPE_BUCKET = 16
 # Structures wider than this (mm) count as background for ``vessel_contrast``.
 _BACKGROUND_MM = 4.0
 
@@ -62,20 +60,15 @@ def rigid_matrix(params: jax.Array, centre: jax.Array) -> jax.Array:
                             jnp.array([[0.0, 0.0, 0.0, 1.0]])], axis=0)
 
 
-def sample(image: jax.Array, affine: jax.Array, points: jax.Array,
-           shape: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Trilinear image values at world points, differentiable in the points.
-
-    image: [X, Y, Z]; affine: [4, 4] voxel -> world; points: [P, 3] world mm; shape: [3] the
-    image's true size when ``image`` is zero-padded at the high end (default: image.shape).
-    Returns (values [P], inside [P] bool: the point lies within the image's voxel centres).
-    """
+def sample(image: jax.Array, affine: jax.Array, points: jax.Array) -> jax.Array:
+    """Trilinear image values [P] at world points [P, 3] (mm), 0 outside; differentiable in the
+    points. image: [X, Y, Z] or [X, Y, Z, C] (then [P, C]); affine: [4, 4] voxel -> world."""
     inv = jnp.linalg.inv(affine)
-    vox = points @ inv[:3, :3].T + inv[:3, 3]
-    values = jax.scipy.ndimage.map_coordinates(image, list(vox.T), order=1, mode="nearest")
-    upper = (jnp.array(image.shape) if shape is None else shape).astype(vox.dtype) - 1.0
-    inside = jnp.all((vox >= 0.0) & (vox <= upper), axis=1)
-    return values, inside
+    coords = list((points @ inv[:3, :3].T + inv[:3, 3]).T)
+
+    def one(channel):
+        return jax.scipy.ndimage.map_coordinates(channel, coords, order=1, mode="constant")
+    return one(image) if image.ndim == 3 else jax.vmap(one, in_axes=3, out_axes=1)(image)
 
 
 def masked_ncc(a: jax.Array, b: jax.Array, mask: jax.Array) -> jax.Array:
@@ -98,21 +91,23 @@ def _params(z: jax.Array, radius: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("steps", "learning_rate"))
 def fit_level(fixed_values: jax.Array, fixed_points: jax.Array, moving: jax.Array,
-              moving_shape: jax.Array, moving_affine: jax.Array, centre: jax.Array,
-              radius: jax.Array, params0: jax.Array,
+              moving_affine: jax.Array, centre: jax.Array, radius: jax.Array, params0: jax.Array,
               *, steps: int, learning_rate: float) -> tuple[jax.Array, jax.Array]:
     """Adam on the 6 rigid parameters at one resolution; a pure function, vmap-able.
 
     fixed_values: [P] fixed intensities at fixed_points [P, 3] (world mm);
-    moving: [X, Y, Z] zero-padded from its true moving_shape [3] (int), with moving_affine [4, 4];
-    centre: [3]; radius: [] mm; params0: [6].
+    moving: [X, Y, Z, 2] (intensity, validity: 1 where the voxel lies inside the original image)
+    with moving_affine [4, 4] voxel -> moving world; centre: [3]; radius: [] mm; params0: [6].
     Returns (params [6], final NCC []).
     """
     def loss(z):
         p = _params(z, radius)
         # Fixed world -> moving world is the inverse of A: x = R^T (y - c - t) + c.
         points = (fixed_points - centre - p[3:]) @ rotation_matrix(p[:3]) + centre
-        values, inside = sample(moving, moving_affine, points, moving_shape)
+        values = sample(moving, moving_affine, points)
+        # Only points that see the original image count (not padding, not outside its FOV).
+        inside = values[:, 1] > 0.999
+        values = values[:, 0]
         return -masked_ncc(fixed_values, values, inside)
 
     # Cosine decay: big steps to travel, small ones to settle below a voxel.
@@ -130,11 +125,10 @@ def fit_level(fixed_values: jax.Array, fixed_points: jax.Array, moving: jax.Arra
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "learning_rate"))
-def _fit_batch(values, points, movings, shapes, affines, centres, radius, params0, *, steps,
-               learning_rate):
+def _fit_batch(values, points, movings, affines, centres, radius, params0, *, steps, learning_rate):
     fit = functools.partial(fit_level, steps=steps, learning_rate=learning_rate)
-    return jax.vmap(fit, in_axes=(None, None, 0, 0, 0, 0, None, 0))(
-        values, points, movings, shapes, affines, centres, radius, params0)
+    return jax.vmap(fit, in_axes=(None, None, 0, 0, 0, None, 0))(
+        values, points, movings, affines, centres, radius, params0)
 
 
 # ---------------------------------------------------------------- host-side pyramid
@@ -148,14 +142,36 @@ def pyramid_level(image: np.ndarray, affine: np.ndarray,
     """
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     step = np.maximum(spacing_mm / spacing, 1.0)
-    # Gaussian anti-aliasing: add the blur that takes the native resolution to the target one.
-    sigma = np.sqrt(np.maximum((0.5 * spacing_mm) ** 2 - (0.5 * spacing) ** 2, 0.0)) / spacing
-    smooth = ndimage.gaussian_filter(np.asarray(image, np.float32), sigma, mode="nearest")
+    smooth = smooth_to(image, affine, spacing_mm)
     shape = tuple(int(s) for s in np.floor((np.array(image.shape) - 1) / step) + 1)
     # Coarse voxel i samples original voxel i * step: a diagonal map, exact at the borders.
     coarse = ndimage.affine_transform(smooth, step, output_shape=shape, order=1, mode="nearest",
                                       prefilter=False)
     return coarse, affine @ np.diag([*step, 1.0])
+
+
+def smooth_to(image: np.ndarray, affine: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Gaussian blur that takes the image's native resolution to about ``spacing_mm`` (anti-aliasing
+    before sampling it that coarsely)."""
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    sigma = np.sqrt(np.maximum((0.5 * spacing_mm) ** 2 - (0.5 * spacing) ** 2, 0.0)) / spacing
+    return ndimage.gaussian_filter(np.asarray(image, np.float32), sigma, mode="nearest")
+
+
+def moving_window(image: np.ndarray, affine: np.ndarray, window_affine: np.ndarray,
+                  window_shape) -> np.ndarray:
+    """The (smoothed) moving image on a window grid: [x, y, z, 2] (intensity, validity).
+
+    window_affine maps window voxels to moving world. Every case gets the same window shape at a
+    level, so the jitted optimiser compiles once for all of them (and they stack for vmap).
+    """
+    src = np.linalg.inv(affine) @ window_affine
+    values = ndimage.affine_transform(image, src[:3, :3], offset=src[:3, 3],
+                                      output_shape=tuple(window_shape), order=1, mode="constant",
+                                      cval=0.0, prefilter=False)
+    vox = voxel_centres(src, window_shape).reshape(*window_shape, 3)
+    valid = np.all((vox > -1e-3) & (vox < np.array(image.shape) - 1 + 1e-3), axis=-1)
+    return np.stack([values, valid.astype(np.float32)], axis=-1)
 
 
 def vessel_contrast(image: np.ndarray, affine: np.ndarray,
@@ -215,7 +231,8 @@ def _check(image, affine, name):
 def register_rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray,
                    moving_affine: np.ndarray, levels_mm=DEFAULT_LEVELS_MM, steps=DEFAULT_STEPS,
                    learning_rate: float = 0.5, max_points: int = 1 << 16,
-                   init: str = "identity", enhance: bool = True, seed: int = 0) -> np.ndarray:
+                   init: str = "identity", enhance: bool = True, margin_voxels: float = 5.0,
+                   seed: int = 0) -> np.ndarray:
     """Rigid transform aligning ``moving`` to ``fixed`` by NCC, coarse to fine.
 
     fixed: [X, Y, Z], fixed_affine [4, 4]; moving: [X', Y', Z'], moving_affine [4, 4].
@@ -225,10 +242,12 @@ def register_rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
     coordinates); "centre" first matches the centroids of the brightest voxels, for frames far
     apart (misled when the image holds bright vessels the template lacks, e.g. the vertebrals).
     enhance: register ``vessel_contrast`` images (vessels without background) instead of raw ones.
+    margin_voxels: how far the fixed region may move within one level, in that level's voxels.
     Returns: [4, 4] float64, moving world RAS mm -> fixed world RAS mm.
     """
     matrices = register_rigid_batch(fixed, fixed_affine, [moving], [moving_affine], levels_mm,
-                                    steps, learning_rate, max_points, init, enhance, seed)
+                                    steps, learning_rate, max_points, init, enhance,
+                                    margin_voxels, seed)
     return matrices[0]
 
 
@@ -236,11 +255,12 @@ def register_rigid_batch(fixed: np.ndarray, fixed_affine: np.ndarray, movings: n
                          moving_affines: np.ndarray, levels_mm=DEFAULT_LEVELS_MM,
                          steps=DEFAULT_STEPS, learning_rate: float = 0.5,
                          max_points: int = 1 << 16, init: str = "identity",
-                         enhance: bool = True, seed: int = 0) -> np.ndarray:
+                         enhance: bool = True, margin_voxels: float = 5.0,
+                         seed: int = 0) -> np.ndarray:
     """``register_rigid`` for a batch of moving images, vmapped on the device.
 
-    movings: B arrays [X_b, Y_b, Z_b] (shapes may differ: each level pads them to one bucketed
-    shape); moving_affines: [B, 4, 4]. Returns [B, 4, 4] moving -> fixed world.
+    movings: B arrays [X_b, Y_b, Z_b] (shapes may differ: each level resamples them onto one
+    window shape); moving_affines: [B, 4, 4]. Returns [B, 4, 4] moving -> fixed world.
     """
     if len(levels_mm) != len(steps):
         raise CowjaxError(f"registration levels {levels_mm} and steps {steps} differ in length")
@@ -261,20 +281,29 @@ def register_rigid_batch(fixed: np.ndarray, fixed_affine: np.ndarray, movings: n
         values, points = _fixed_samples(f_img, f_aff, max_points, seed)
         # Rotation is measured as arc length at the RMS radius of the sampled region.
         radius = jnp.sqrt(jnp.mean(jnp.sum((points - points.mean(0)) ** 2, axis=1)))
-        levels = [pyramid_level(m, a, level_mm) for m, a in pairs]
-        shapes = np.array([m.shape for m, _ in levels])
-        # Zero-pad to a bucketed shape: images of similar size share one compiled function.
-        bucket = -(-shapes.max(axis=0) // _SHAPE_BUCKET) * _SHAPE_BUCKET
-        m_imgs = jnp.asarray(np.stack([np.pad(m, [(0, b - n) for b, n in zip(bucket, m.shape)])
-                                       for m, _ in levels]))
-        m_affs = jnp.asarray(np.stack([a for _, a in levels]), jnp.float32)
+        # Each moving image is cut to one window: the fixed samples' box plus a margin, mapped
+        # into moving space by the current estimate, at this level's spacing.
+        lo = np.asarray(points).min(0) - margin_voxels * level_mm
+        hi = np.asarray(points).max(0) + margin_voxels * level_mm
+        shape = tuple(int(n) for n in np.ceil((hi - lo) / level_mm) + 1)
+        box = np.diag([level_mm] * 3 + [1.0])
+        box[:3, 3] = lo
+        win_affs = [np.linalg.inv(_matrix(p, c)) @ box for p, c in zip(params, centres)]
+        windows = np.stack([moving_window(smooth_to(m, a, level_mm), a, w, shape)
+                            for (m, a), w in zip(pairs, win_affs)])
         lr = learning_rate * level_mm / levels_mm[0]
-        params, _ = _fit_batch(values, points, m_imgs, jnp.asarray(shapes), m_affs, jnp.asarray(centres, jnp.float32),
-                               radius, jnp.asarray(params, jnp.float32), steps=int(level_steps),
+        params, _ = _fit_batch(values, points, jnp.asarray(windows),
+                               jnp.asarray(np.stack(win_affs), jnp.float32),
+                               jnp.asarray(centres, jnp.float32), radius,
+                               jnp.asarray(params, jnp.float32), steps=int(level_steps),
                                learning_rate=float(lr))
         params = np.asarray(params, np.float64)
-    return np.stack([np.asarray(rigid_matrix(jnp.asarray(p), jnp.asarray(c)), np.float64)
-                     for p, c in zip(params, centres)])
+    return np.stack([_matrix(p, c) for p, c in zip(params, centres)])
+
+
+def _matrix(params, centre) -> np.ndarray:
+    return np.asarray(rigid_matrix(jnp.asarray(params, jnp.float32),
+                                   jnp.asarray(centre, jnp.float32)), np.float64)
 
 
 def render_template(spacing_mm: float = 1.0, margin_mm: float = 12.0) -> tuple[np.ndarray, np.ndarray]:
