@@ -165,11 +165,16 @@ def test_nonfinite_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_
 
 
 def test_nonfinite_skip_mode_counts_and_goes_on(tmp_path):
-    config = tiny_config(num_train_steps=4, eval_every_steps=100)
+    config = tiny_config(num_train_steps=4, eval_every_steps=3, checkpoint_every_steps=2)
     config.train.nonfinite = "skip"
     summary = run(config, tmp_path, nan_at=1)
     assert np.isfinite(summary["loss"])
-    assert [m["skipped"] for m in read_metrics(tmp_path) if m["split"] == "train"] == [0, 1, 1, 1]
+    metrics = read_metrics(tmp_path)
+    assert [m["skipped"] for m in metrics if m["split"] == "train"] == [0, 1, 1, 1]
+    # Best by validation MRE, including evaluations between checkpoint steps (step 3).
+    val = {m["step"]: m["mre_mm"] for m in metrics if m["split"] == "val"}
+    assert sorted(val) == [3, 4]
+    assert ckpt.Checkpoints(tmp_path, 1).best.latest_step() == min(val, key=val.get)
 
 
 def test_checkpoint_of_another_model_shape_is_a_clear_error(tmp_path):

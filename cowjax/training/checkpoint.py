@@ -96,15 +96,16 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
-    def save(self, state, meta: dict, best_metric: float | None = None) -> None:
-        """Save at ``meta["step"]`` (host int); also as best when best_metric is given."""
+    def save(self, state, meta: dict, best_metric: float | None = None, latest: bool = True):
+        """Save at ``meta["step"]`` (host int): as latest, and as best when best_metric is given
+        (kept if lower than the best so far). A step already saved is left as it is."""
         step = meta["step"]
         meta = {**meta, "anatomy": _anatomy()}
         if best_metric is not None and step not in self.best.all_steps():
             self.best.save(step, metrics={BEST_METRIC: float(best_metric)},
                            args=ocp.args.Composite(params=ocp.args.StandardSave(state["params"]),
                                                    meta=ocp.args.JsonSave(meta)))
-        if step not in self.latest.all_steps():
+        if latest and step not in self.latest.all_steps():
             self.latest.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state["params"]),
                 opt_state=ocp.args.StandardSave(state["opt_state"]),

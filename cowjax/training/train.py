@@ -198,10 +198,10 @@ def run_training(config, workdir, model, train_iter, val_examples) -> dict:
     train_step = compile_train_step(make_train_step(model, config, tx), mesh)
     eval_fn = make_eval_fn(model, config)
 
-    def save(step, position, mre=None):
+    def save(step, position, mre, latest):
         meta = {"step": step, "nonfinite": int(state["nonfinite"]), "seed": config.seed,
                 "iterator": position, "config": ckpt.config_to_dict(config)}
-        checkpoints.save(state, meta, best_metric=mre)
+        checkpoints.save(state, meta, best_metric=mre, latest=latest)
 
     summary = {}
     batches = _prefetched(train_iter, mesh)
@@ -225,8 +225,9 @@ def run_training(config, workdir, model, train_iter, val_examples) -> dict:
                     if config.train.nonfinite == "stop":
                         raise CowjaxError(
                             f"step {step}: the loss or a gradient is not finite (loss="
-                            f"{float(metrics['loss'])}); stopped, the last good checkpoint "
-                            f"(step {checkpoints.latest_step()}) is kept in {workdir}")
+                            f"{float(metrics['loss'])}); stopped, keeping the last good "
+                            f"checkpoint (step {checkpoints.latest_step() or 'none yet'}) in "
+                            f"{workdir}")
                     bar.write(f"step {step}: non-finite loss or gradient, update skipped")
                 record = {k: float(v) for k, v in metrics.items() if k != "finite"}
                 summary.update(record)
@@ -242,8 +243,10 @@ def run_training(config, workdir, model, train_iter, val_examples) -> dict:
                     summary["val_mre_mm"] = mre
                     metrics_log.write({"step": step, "split": "val", "mre_mm": mre})
                     bar.write(f"step {step}: validation MRE {mre:.3f} mm")
-                if step % config.checkpoint_every_steps == 0 or last or sigterm.received:
-                    save(step, position, mre if mre is not None and np.isfinite(mre) else None)
+                mre = mre if mre is not None and np.isfinite(mre) else None
+                latest = step % config.checkpoint_every_steps == 0 or last or sigterm.received
+                if latest or mre is not None:
+                    save(step, position, mre, latest)
                 if sigterm.received and not last:
                     raise CowjaxError(f"SIGTERM at step {step}: checkpoint saved in {workdir}; "
                                       "run the same command again to resume")
