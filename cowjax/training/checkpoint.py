@@ -53,10 +53,11 @@ def set_iterator_state(iterator, saved) -> None:
     iterator.set_state(saved["bytes"].encode() if "bytes" in saved else saved["json"])
 
 
-def _manager(directory: Path, keep: int, best: bool = False, read_only: bool = False):
+def _manager(directory: Path, keep: int | None, best: bool = False, read_only: bool = False):
     # Synchronous saves: checkpoints are small next to a step, and a finished save() is on disk.
+    # For reading, a manager that creates and cleans nothing (orbax's read_only mode only warns).
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=False, read_only=read_only,
+        max_to_keep=keep, enable_async_checkpointing=False,
         create=not read_only, cleanup_tmp_directories=not read_only,
         best_fn=(lambda m: m[BEST_METRIC]) if best else None, best_mode="min")
     handlers = {"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
@@ -142,7 +143,7 @@ def load_for_inference(workdir):
         directory = workdir / name
         if not directory.is_dir():
             continue
-        mgr = _manager(directory, 1, read_only=True)
+        mgr = _manager(directory, None, read_only=True)
         step = mgr.latest_step()
         if step is None:
             continue
