@@ -10,7 +10,9 @@ Formulations (all numerically the same convolution, up to float rounding):
   is folded into the batch by a free reshape.
 - ``depth_stack``: the three offsets along the first axis stacked on channels, then one 2D convolution
   with 3*Cin input channels (no sum of partial outputs).
-- ``im2col``: the 27 shifted copies of the input concatenated on channels, then one matrix product.
+- ``im2col``: the 27 shifted copies of the input concatenated on channels, then one matrix product
+  (kept for comparison: the 27x expanded buffer makes it memory bound and slower on CPU).
+See BENCHMARKS.md for the per-layer measurements behind ``resolve_impl``.
 
 Shapes: ``x [B, X, Y, Z, Cin]``, ``kernel [3, 3, 3, Cin, Cout]`` -> ``[B, X, Y, Z, Cout]``.
 """
