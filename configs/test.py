@@ -1,4 +1,4 @@
-"""Tiny configuration for the tests: 32^3 volumes at 3 mm, a few steps, small widths.
+"""Tiny configuration for the tests: 32 x 32 x 16 crops at 3 mm, a few steps, small widths.
 
   python launch.py --config=configs/test.py --workdir=/tmp/cowjax_test
 """
