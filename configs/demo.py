@@ -19,7 +19,7 @@ from cowjax.config_defaults import default_config
 def get_config(arg: str = ""):
     del arg
     c = default_config()
-    c.num_train_steps = 300
+    c.num_train_steps = 1400
     c.batch_size = 2
     c.checkpoint_every_steps = 100
     c.eval_every_steps = 100
@@ -35,6 +35,7 @@ def get_config(arg: str = ""):
 
     c.model.widths = (8, 16, 32, 64)
     c.model.heatmap_stride = 2
+    c.model.segmentation_stride = 2
 
     c.loss.heatmap = "softmax_ce"
 

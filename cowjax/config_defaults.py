@@ -41,6 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.norm = "group"                      # "group", "instance" or "none" (no batch statistics: pure)
     m.dtype = "float32"                   # compute dtype; parameters stay float32
     m.heatmap_stride = 1                  # 2: heatmaps at half resolution
+    m.segmentation_stride = 1             # 2: segmentation at half resolution (soft-pooled labels)
     m.conv_impl = "auto"                  # "auto": native on GPU/TPU, fastest formulation on CPU
 
     c.loss = l = ml_collections.ConfigDict()

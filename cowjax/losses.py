@@ -85,17 +85,24 @@ def dice_loss(logits, labels, segments_mask):
     frequencies in the target, normalised to sum 1 over the classes present; absent classes
     get weight 0 (their false positives are still paid for through the other classes).
 
-    logits: [B,X,Y,Z,C]; labels: [B,X,Y,Z] int; segments_mask: [B]. Returns a scalar in [0,1].
+    logits: [B,X/s,Y/s,Z/s,C] (s = segmentation stride, 1 or 2); labels: [B,X,Y,Z] int;
+    segments_mask: [B]. Returns a scalar in [0,1]. At stride 2 the targets are the class fractions
+    of each 2x2x2 block (soft labels), so vessels thinner than a coarse voxel still count.
     """
     num_classes = logits.shape[-1]
     m = segments_mask.astype(logits.dtype)[:, None, None, None, None]
     p = jax.nn.softmax(logits, axis=-1) * m
-    t = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype) * m
+    t = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
+    if t.shape[1:4] != logits.shape[1:4]:
+        b, (x, y, z) = t.shape[0], logits.shape[1:4]
+        s = t.shape[1] // x
+        t = t.reshape(b, x, s, y, s, z, s, num_classes).mean(axis=(2, 4, 6))
+    t = t * m
     axes = (0, 1, 2, 3)
     inter = jnp.sum(p * t, axis=axes)
     n_t = jnp.sum(t, axis=axes)
     dice = (2.0 * inter + _EPS) / (jnp.sum(p, axis=axes) + n_t + _EPS)
-    w = jnp.where(n_t > 0, 1.0 / jnp.maximum(n_t, 1.0), 0.0)
+    w = jnp.where(n_t > 0, 1.0 / jnp.maximum(n_t, _EPS), 0.0)
     w = w / jnp.maximum(jnp.sum(w), _EPS)
     # No segmented case in the batch -> no loss (sum(w) = 0).
     return jnp.sum(w) - jnp.sum(w * dice)

@@ -74,6 +74,18 @@ def test_dice_weights_rare_classes_more():
                                1.0 - (0.25 * d0 + 0.75 * 0.0), rtol=1e-4)
 
 
+def test_dice_at_half_resolution_uses_block_class_fractions():
+    # A 2x2x2 block holding 2 voxels of class 1 and 6 of background: soft target (0.75, 0.25).
+    labels = np.zeros((1, 2, 2, 2), np.int32)
+    labels[0, 0, 0, :] = 1
+    logits = np.zeros((1, 1, 1, 1, 2), np.float32)       # uniform prediction (0.5, 0.5)
+    t, p = np.array([0.75, 0.25]), np.array([0.5, 0.5])
+    dice = 2 * t * p / (t + p)
+    w = (1 / t) / np.sum(1 / t)
+    np.testing.assert_allclose(losses.dice_loss(logits, labels, np.ones(1)),
+                               1.0 - np.sum(w * dice), rtol=1e-5)
+
+
 def test_attribute_bce_hand_value():
     logits = np.array([[0.0, 2.0, 9.0]], np.float32)
     labels = np.array([[1.0, 0.0, 1.0]], np.float32)

@@ -61,11 +61,23 @@ def test_norms_and_native_conv_agree_in_shape(norm):
     assert out["segmentation"].shape == (1, *SHAPE, anatomy.NUM_CLASSES)
 
 
+def test_half_resolution_heads_skip_the_full_resolution_decoder():
+    full = unet.init_params(_model(heatmap_stride=2), jax.random.key(0))
+    half = unet.init_params(_model(heatmap_stride=2, segmentation_stride=2), jax.random.key(0))
+    assert "dec0" in full and "dec0" not in half and _n_params(half) < _n_params(full)
+    out = _model(heatmap_stride=2, segmentation_stride=2).apply({"params": half},
+                                                                jnp.ones((1, *SHAPE, 1)))
+    assert out["segmentation"].shape == (1, *(n // 2 for n in SHAPE), anatomy.NUM_CLASSES)
+    assert out["heatmaps"].shape == (1, *(n // 2 for n in SHAPE), anatomy.NUM_LANDMARKS)
+
+
 def test_bad_config_and_input_raise():
     with pytest.raises(CowjaxError, match="norm"):
         _model(norm="batch")
     with pytest.raises(CowjaxError, match="heatmap_stride"):
         _model(heatmap_stride=3)
+    with pytest.raises(CowjaxError, match="segmentation_stride"):
+        _model(segmentation_stride=4)
     model = _model()
     params = unet.init_params(model, jax.random.key(0))
     with pytest.raises(CowjaxError, match="divisible"):

@@ -107,11 +107,13 @@ def prepare_data(config, workdir) -> dict[str, list[Path]]:
 
 # ------------------------------------------------------------------------------ preprocessing cache
 
-def _cache_path(case_dir: Path, spacing, cache_dir: Path) -> Path:
-    """Keyed by the case folder, its files' sizes and times, the spacing and the cache version."""
+def _cache_path(case_dir: Path, data_config, cache_dir: Path) -> Path:
+    """Keyed by the case folder, its files' sizes and times, the spacing, the registration and the
+    cache version."""
     stats = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
                    for p in case_dir.iterdir() if p.is_file())
-    key = json.dumps([str(case_dir.resolve()), [float(s) for s in spacing], stats, _CACHE_VERSION])
+    key = json.dumps([str(case_dir.resolve()), [float(s) for s in data_config.spacing], stats,
+                      _CACHE_VERSION, data_config.get("registration", "none")])
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     return cache_dir / f"{case_dir.name}_{digest}.npz"
 
@@ -119,7 +121,7 @@ def _cache_path(case_dir: Path, spacing, cache_dir: Path) -> Path:
 def preprocessed(case_dir, config, cache_dir) -> dict:
     """``preprocess_case`` of a case folder, read from / written to the cache (np.savez)."""
     case_dir, cache_dir = Path(case_dir), Path(cache_dir)
-    path = _cache_path(case_dir, config.data.spacing, cache_dir)
+    path = _cache_path(case_dir, config.data, cache_dir)
     if not path.exists():
         pre = preprocess.preprocess_case(io.load_case(case_dir), config)
         cache_dir.mkdir(parents=True, exist_ok=True)

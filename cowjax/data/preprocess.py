@@ -8,11 +8,14 @@ grid voxel is the source image interpolated at that voxel's world position).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy import ndimage
 
 from cowjax import anatomy
 from cowjax.data import io
+from cowjax.errors import CowjaxError
 
 # Intensity normalisation: these percentiles of the image map to 0 and 1 (vessels are the brightest
 # few percent of an MRA, so the upper one sits in the vessel range); values are clipped to [0, CLIP].
@@ -165,6 +168,30 @@ def _attribute_arrays(attributes: dict | None):
     return seg, seg_mask, lm, lm_mask
 
 
+@functools.lru_cache(maxsize=2)
+def _template(spacing_mm: float):
+    from cowjax.registration import intensity  # jax-heavy; only when registration is asked for
+    return intensity.make_template(spacing_mm)
+
+
+def _network_grid(case: io.Case, config) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The grid the network sees: RAS-aligned in the case's world (``registration = "none"``), or
+    RAS-aligned in template space (``"template"``: rigid intensity registration, the paper's
+    preprocessing). Either way its affine maps to the case's own world coordinates, so everything
+    downstream (landmarks, predictions) stays in the original image's world frame."""
+    kind = config.data.get("registration", "none")
+    if kind == "none":
+        return canonical_grid(case.affine, case.image.shape, config.data.spacing)
+    if kind != "template":
+        raise CowjaxError(f"config.data.registration {kind!r}: expected 'none' or 'template'")
+    from cowjax.registration import intensity
+    template = _template(1.0)
+    to_template = intensity.register_rigid(template.image, template.affine, case.image,
+                                           case.affine)
+    grid_t, shape = canonical_grid(to_template @ case.affine, case.image.shape, config.data.spacing)
+    return np.linalg.inv(to_template) @ grid_t, shape
+
+
 def preprocess_case(case: io.Case, config) -> dict:
     """A Case on its own grid -> arrays on the canonical grid at ``config.data.spacing``.
 
@@ -176,7 +203,7 @@ def preprocess_case(case: io.Case, config) -> dict:
     """
     from cowjax.data import targets  # targets imports jax; keep io/preprocess light to import
 
-    grid_affine, grid_shape = canonical_grid(case.affine, case.image.shape, config.data.spacing)
+    grid_affine, grid_shape = _network_grid(case, config)
     image = resample(normalise_intensity(case.image), case.affine, grid_affine, grid_shape, order=1)
     # Labels are derived and measured on the case's own (finer) grid, then resampled.
     labels = case.segments

@@ -95,7 +95,10 @@ def _apply(model, kind, params, images):
         # Each window's spatial softmax is normalised on its own: blend log-probabilities.
         b, *_, c = heat.shape
         heat = jax.nn.log_softmax(heat.reshape(b, -1, c), axis=1).reshape(heat.shape)
-    return {"heatmaps": heat, "segmentation": out["segmentation"],
+    seg = out["segmentation"]
+    for axis in (1, 2, 3):  # half-resolution segmentation: nearest-upsample the logits
+        seg = jnp.repeat(seg, images.shape[axis] // seg.shape[axis], axis=axis)
+    return {"heatmaps": heat, "segmentation": seg,
             "bifurcation_prob": jax.nn.sigmoid(out["landmark_attr"]),
             "present_prob": jax.nn.sigmoid(out["segment_attr"])}
 
