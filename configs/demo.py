@@ -19,22 +19,27 @@ from cowjax.config_defaults import default_config
 def get_config(arg: str = ""):
     del arg
     c = default_config()
-    c.num_train_steps = 1400
+    c.num_train_steps = 1200
     c.batch_size = 2
-    c.checkpoint_every_steps = 100
-    c.eval_every_steps = 100
+    c.checkpoint_every_steps = 200
+    c.eval_every_steps = 200
     c.log_every_steps = 10
 
     d = c.data
-    d.num_cases = 40
+    d.num_cases = 60
     d.synthetic_spacing = (1.0, 1.0, 1.0)
     d.spacing = (2.0, 2.0, 2.0)
     d.crop_shape = (64, 40, 40)
     d.heatmap_sigma_mm = 3.0
-    d.augment.translate_mm = 10.0
+    d.augment.translate_mm = 12.0
+    d.augment.rotate_deg = 8.0
+    d.augment.scale = 0.05
+    d.augment.intensity = 0.25
+    d.augment.noise = 0.02
+    d.augment.flip = True
 
     c.model.widths = (8, 16, 32, 64)
-    c.model.heatmap_stride = 2
+    c.model.heatmap_stride = 1
     c.model.segmentation_stride = 2
 
     c.loss.heatmap = "softmax_ce"

@@ -40,7 +40,7 @@ def test_demo_covers_the_circle_of_willis_on_a_small_cpu():
     extent_mm = [n * s for n, s in zip(c.data.crop_shape, c.data.spacing)]
     assert all(e >= want for e, want in zip(extent_mm, (120, 80, 70))), extent_mm
     assert min(c.data.spacing) >= 1.5
-    assert c.model.heatmap_stride == 2 and c.loss.heatmap == "softmax_ce"
+    assert c.loss.heatmap == "softmax_ce"
     assert c.optim.schedule == "cosine" and 0 < c.optim.warmup_steps < c.num_train_steps
     assert c.num_train_steps % c.checkpoint_every_steps == 0
     assert math.prod(c.data.crop_shape) <= 128 ** 3 // 8

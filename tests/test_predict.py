@@ -78,11 +78,25 @@ def _echo_predictor(stride):
 def test_world_coordinates_survive_any_affine_and_size(stride, affine, shape, windows):
     centre = np.array([4.0, -2.5, 1.3])
     predictor = _echo_predictor(stride)
+    predictor.locate = lambda volume, first_guess: first_guess  # windows counted here: not the search
     pred = predictor.predict(_blob_image(affine, shape, centre), affine)
     assert windows is None or predictor._forward.calls == windows
     assert pred.landmarks.shape == (L, 3) and pred.confidence.shape == (L,)
     # Grid spacing is 3 mm; the peak is recovered to a fraction of a voxel.
     np.testing.assert_allclose(pred.landmarks, np.broadcast_to(centre, (L, 3)), atol=0.5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_locate_finds_the_circle_far_from_the_first_guess(stride):
+    affine = _affine((2.0, 2.0, 2.0), origin=(-60.0, -80.0, -50.0))
+    shape, centre = (90, 85, 60), np.array([70.0, 60.0, 40.0])   # near a corner of the volume
+    predictor = _echo_predictor(stride)
+    prep = preprocess.preprocess_case(
+        io.Case("blob", _blob_image(affine, shape, centre, sigma_mm=6.0), affine,
+                np.full((L, 3), np.nan)), predictor.config)
+    found = predictor.locate(prep["image"], np.zeros(3))          # first guess: the far corner
+    want = preprocess.world_to_voxel(centre, prep["affine"])
+    assert np.linalg.norm(found - want) < 1.0                     # grid voxels (3 mm)
 
 
 def test_landmarks_stay_inside_the_image():

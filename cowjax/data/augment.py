@@ -80,6 +80,14 @@ def flip_example(example: dict) -> dict:
     }
 
 
+def crop_center(pre: dict) -> np.ndarray:
+    """Where training and validation crops are centred (grid voxel coords [3]): the centroid of the
+    known landmarks, as the predictor centres its windows on the centroid of the predicted ones;
+    the landmark-free FOV estimate for a case without landmarks."""
+    known = np.all(np.isfinite(pre["landmarks"]), axis=-1)
+    return pre["landmarks"][known].mean(axis=0) if known.any() else np.asarray(pre["fov_center"])
+
+
 def augment_example(pre: dict, rng: np.random.Generator, crop_shape, spacing, aug) -> dict:
     """A random training example from a preprocessed case.
 
@@ -88,7 +96,7 @@ def augment_example(pre: dict, rng: np.random.Generator, crop_shape, spacing, au
     """
     spacing = np.asarray(spacing, np.float64)
     crop_shape = np.asarray(crop_shape)
-    center = pre["fov_center"] + rng.uniform(-1, 1, 3) * aug.translate_mm / spacing
+    center = crop_center(pre) + rng.uniform(-1, 1, 3) * aug.translate_mm / spacing
     angles = np.deg2rad(aug.rotate_deg) * rng.uniform(-1, 1, 3)
     scale = 1.0 + aug.scale * rng.uniform(-1, 1)
     if aug.rotate_deg or aug.scale:

@@ -191,7 +191,7 @@ def train_loader(config, case_dirs, cache_dir):
 
 
 def eval_examples(config, case_dirs, cache_dir) -> list[dict]:
-    """Un-augmented examples centred at each case's landmark-free FOV centre, for validation.
+    """Un-augmented examples centred as training crops are (``augment.crop_center``), for validation.
 
     Each has the training keys (no batch axis) plus ``case_id``, ``grid_affine [4, 4]`` (canonical
     grid voxel -> world RAS), ``offset [3]`` (crop voxel + offset = grid voxel) and ``crop_affine``
@@ -200,7 +200,7 @@ def eval_examples(config, case_dirs, cache_dir) -> list[dict]:
     examples = []
     for case_dir in map(Path, case_dirs):
         pre = preprocessed(case_dir, config, cache_dir)
-        example, offset = augment.crop_example(pre, pre["fov_center"], config.data.crop_shape)
+        example, offset = augment.crop_example(pre, augment.crop_center(pre), config.data.crop_shape)
         shift = np.eye(4)
         shift[:3, 3] = offset
         examples.append({**example, "case_id": case_dir.name, "grid_affine": pre["affine"],

@@ -1,9 +1,9 @@
 """Whole-volume inference at any input size, and the ``--mode=predict`` command.
 
 An image goes through the training preprocessing (``preprocess.preprocess_case``: canonical RAS grid
-at ``config.data.spacing``, intensity normalisation) and the field of view is found without
-landmarks (``preprocess.estimate_fov_center``). The network sees ``config.data.crop_shape`` windows:
-the one centred there and, where the volume is larger, neighbours shifted by a margin on each axis
+at ``config.data.spacing``, intensity normalisation) and the circle is found without landmarks
+(``Predictor.locate``: the network scores windows over the whole volume, then re-centres on its own
+detections). The network sees ``config.data.crop_shape`` windows: the one centred there and, where the volume is larger, neighbours shifted by a margin on each axis
 (by default the training's random translation, ``config.data.augment.translate_mm``, so every window
 is placed as some training crop was). Their outputs are blended with Gaussian weights (highest at
 each window's centre) before decoding, and the decoded voxel coordinates go back to the image's world
@@ -152,6 +152,42 @@ class Predictor:
             for j in range(len(chunk)):
                 yield i + j, {k: v[j] for k, v in out.items()}
 
+    def _detect(self, volume, centers):
+        """Windows centred at ``centers`` [N, 3] (grid voxels) -> (landmarks [N, 19, 3] grid voxels,
+        mean landmark confidence [N]), each window decoded on its own."""
+        w = np.array(self.window)
+        starts = self.stride * (np.round(np.asarray(centers) - (w - 1) / 2).astype(int)
+                                // self.stride)
+        coords, scores = np.zeros((len(starts), anatomy.NUM_LANDMARKS, 3)), np.zeros(len(starts))
+        for i, out in self._window_outputs(volume, starts, ["heatmaps"]):
+            c, conf = decode.decode_heatmaps(out["heatmaps"][None], stride=self.stride,
+                                             kind=self.kind)
+            coords[i] = np.asarray(c[0]) + starts[i]
+            scores[i] = float(np.mean(conf))
+        return coords, scores
+
+    def locate(self, volume, first_guess, refinements: int = 2) -> np.ndarray:
+        """The centre of the circle on the grid (voxel coords [3]), found without landmarks.
+
+        The image-based estimate can be far off (bright structures, a wide or off-centre field of
+        view), so the network itself searches: windows at that estimate and on a half-window lattice
+        over the whole volume are scored by their mean landmark confidence; the best one's predicted
+        landmarks give a centre, refined by re-detecting there. Training crops are centred on the
+        landmarks' centroid, so the final windows are placed as training saw them.
+        """
+        w = np.array(self.window, np.float64)
+        axes = [[(n - 1) / 2] if n <= k else
+                np.linspace((k - 1) / 2, n - 1 - (k - 1) / 2, int(np.ceil((n - k) / (k / 2))) + 1)
+                for n, k in zip(volume.shape, w)]
+        candidates = np.concatenate([np.asarray(first_guess, np.float64)[None],
+                                     np.array(list(itertools.product(*axes)))])
+        coords, scores = self._detect(volume, candidates)
+        center = coords[np.argmax(scores)].mean(axis=0)
+        for _ in range(refinements):
+            coords, _ = self._detect(volume, center[None])
+            center = coords[0].mean(axis=0)
+        return center
+
     def predict(self, image, affine, segmentation: bool = False) -> Prediction:
         """Landmarks of one image. image: [X, Y, Z] (any orientation, any size); affine: [4, 4]
         voxel -> world RAS mm. ``segmentation=True`` also returns segment labels on the input grid."""
@@ -160,8 +196,9 @@ class Predictor:
                        np.full((anatomy.NUM_LANDMARKS, 3), np.nan))
         prep = preprocess.preprocess_case(case, self.config)
         volume, grid_affine = prep["image"], prep["affine"]
+        center = self.locate(volume, prep["fov_center"])
         per_axis = [_window_starts(c, n, w, st, self.stride) for c, n, w, st in
-                    zip(prep["fov_center"], volume.shape, self.window, self.step)]
+                    zip(center, volume.shape, self.window, self.step)]
         starts = np.array(list(itertools.product(*(s for s, _ in per_axis))))
         central = int(np.ravel_multi_index([i for _, i in per_axis], [len(s) for s, _ in per_axis]))
 

@@ -1,0 +1,88 @@
+"""Where the JAX train step's time goes: a profiler trace of the jitted ``step_mse`` step, summed per
+XLA op (fusion, convolution, copy, ...), biggest first.
+
+  python benchmarks/profile_step.py --config=configs/paper.py [--top=40] [--inference]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cowjax import bench  # noqa: E402
+from cowjax.model import unet  # noqa: E402
+
+
+def _load_config(spec: str):
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("cowjax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--inference", action="store_true", help="profile the forward pass only")
+    args = parser.parse_args()
+    config = _load_config(args.config)
+    model = unet.build_model(config)
+    shape = tuple(int(n) for n in config.data.crop_shape)
+    params = unet.init_params(model, jax.random.key(0))
+    batch = bench.random_batch(jax.random.key(1), config.batch_size, shape)
+    if args.inference:
+        f = jax.jit(lambda p, x: model.apply({"params": p}, x))
+        run = lambda: jax.block_until_ready(f(params, batch["image"]))  # noqa: E731
+    else:
+        tx, step = bench.make_train_step(model, config, bench.mse_loss)
+        state = [params, tx.init(params)]
+
+        def run():
+            state[0], state[1], loss = step(state[0], state[1], batch)
+            loss.block_until_ready()
+    run()
+    t = time.perf_counter()
+    run()
+    print(f"untraced call: {time.perf_counter() - t:.3f} s")
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp)
+        t = time.perf_counter()
+        run()
+        wall = time.perf_counter() - t
+        jax.profiler.stop_trace()
+        xspace = next(Path(tmp).rglob("*.xplane.pb")).read_bytes()
+    data = jax.profiler.ProfileData.from_serialized_xspace(xspace)
+    totals, counts = collections.Counter(), collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            for ev in line.events:
+                totals[(plane.name, line.name, ev.name)] += ev.duration_ns / 1e9
+                counts[(plane.name, line.name, ev.name)] += 1
+    print(f"traced call: {wall:.3f} s")
+    kinds = collections.Counter()
+    for (plane, line, name), sec in totals.items():
+        if line.startswith("tf_XLAEigen") and name != "ThunkExecutor::Execute":
+            kinds[name.split(".")[0]] += sec
+    print("per op kind (thread seconds):")
+    for name, sec in kinds.most_common(15):
+        print(f"{sec:8.3f} s  {name}")
+    ops = collections.Counter()
+    for (plane, line, name), sec in totals.items():
+        if line.startswith("tf_XLAEigen") and name != "ThunkExecutor::Execute":
+            ops[name] += sec
+    for name, sec in ops.most_common(args.top):
+        print(f"{sec:8.3f} s  {name}")
+
+
+if __name__ == "__main__":
+    main()
