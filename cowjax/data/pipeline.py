@@ -20,6 +20,7 @@ import grain
 import jax
 import numpy as np
 from absl import flags
+from tqdm import tqdm
 
 from cowjax.data import augment, io, preprocess
 from cowjax.errors import CowjaxError, atomic_output
@@ -172,7 +173,7 @@ def train_loader(config, case_dirs, cache_dir):
     case_dirs = [Path(p) for p in case_dirs]
     if not case_dirs:
         raise CowjaxError("no training cases")
-    for p in case_dirs:
+    for p in tqdm(case_dirs, desc="preprocess", unit="case", leave=False):
         preprocessed(p, config, cache_dir)
     hosts, host = jax.process_count(), jax.process_index()
     if config.batch_size % hosts:
