@@ -2,6 +2,10 @@
 
   python launch.py --mode=bench --config=configs/paper.py --parts=model,step,inference
   python benchmarks/torch_reference.py --config=configs/paper.py   # the same network in PyTorch
+  python benchmarks/profile_step.py --config=configs/paper.py      # where the step's time goes
+
+Side by side with PyTorch, name ``step_mse`` (the loss both have; the default parts time ``step``, the
+project's own loss): ``--parts=model,step_mse,inference`` for both commands.
 
 Each part prints one or more JSON lines (``{"part": ..., ...}``); a part whose module is not there
 prints ``{"part": ..., "skipped": why}``. Times are medians of repeated calls after compilation.
