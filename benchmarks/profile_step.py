@@ -62,24 +62,21 @@ def main():
         jax.profiler.stop_trace()
         xspace = next(Path(tmp).rglob("*.xplane.pb")).read_bytes()
     data = jax.profiler.ProfileData.from_serialized_xspace(xspace)
-    totals, counts = collections.Counter(), collections.Counter()
+    # XLA's worker threads ("tf_XLAEigen...") record one event per executed op (fusion, dot, ...).
+    ops = collections.Counter()
     for plane in data.planes:
         for line in plane.lines:
-            for ev in line.events:
-                totals[(plane.name, line.name, ev.name)] += ev.duration_ns / 1e9
-                counts[(plane.name, line.name, ev.name)] += 1
-    print(f"traced call: {wall:.3f} s")
+            if line.name.startswith("tf_XLAEigen"):
+                for ev in line.events:
+                    if ev.name != "ThunkExecutor::Execute":
+                        ops[ev.name] += ev.duration_ns / 1e9
     kinds = collections.Counter()
-    for (plane, line, name), sec in totals.items():
-        if line.startswith("tf_XLAEigen") and name != "ThunkExecutor::Execute":
-            kinds[name.split(".")[0]] += sec
-    print("per op kind (thread seconds):")
+    for name, sec in ops.items():
+        kinds[name.split(".")[0]] += sec
+    print(f"traced call: {wall:.3f} s; per op kind (thread seconds, two threads):")
     for name, sec in kinds.most_common(15):
         print(f"{sec:8.3f} s  {name}")
-    ops = collections.Counter()
-    for (plane, line, name), sec in totals.items():
-        if line.startswith("tf_XLAEigen") and name != "ThunkExecutor::Execute":
-            ops[name] += sec
+    print("per op (look the names up in an XLA_FLAGS=--xla_dump_to=DIR dump):")
     for name, sec in ops.most_common(args.top):
         print(f"{sec:8.3f} s  {name}")
 
