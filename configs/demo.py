@@ -4,7 +4,9 @@
 
 Shorter or longer: ``--config.num_train_steps=300`` (also ``seed``, ``checkpoint_every_steps``,
 ``eval_every_steps``, any ``--config.group.field``). Started again with the same command, a run
-resumes from its last checkpoint.
+resumes from its last checkpoint. The paper's ablations at CPU size, one run each:
+``configs/demo.py:heatmap_only``, ``:seg``, ``:seg_attr`` (the default is the full multi-task loss);
+compare them with ``launch.py --mode=eval --workdir=runs/a,runs/b,...``.
 Sizes: 2 mm voxels, a 64 x 40 x 40 crop (128 x 80 x 80 mm: the whole circle with a margin), widths
 (8, 16, 32, 64), heatmaps and segmentation at half resolution (so the full-resolution decoder level
 is not built), spatial-softmax cross-entropy on the heatmaps, Adam at lr 1e-3 with a short warmup
@@ -13,11 +15,10 @@ Measured 2026-11-24 on the 2-core dev CPU: about 0.31 s per train step when the 
 the whole command (data, training, test evaluation) in about 15 minutes (README has the output).
 """
 
-from cowjax.config_defaults import default_config
+from cowjax.config_defaults import apply_ablation, default_config
 
 
 def get_config(arg: str = ""):
-    del arg
     c = default_config()
     c.num_train_steps = 2400
     c.batch_size = 2
@@ -50,4 +51,4 @@ def get_config(arg: str = ""):
     o.schedule = "cosine"
     o.warmup_steps = 30
     o.grad_clip = 1.0
-    return c
+    return apply_ablation(c, arg, "configs/demo.py")

@@ -7,7 +7,7 @@
 Arguments: full (default), heatmap_only, seg, seg_attr (the auxiliary tasks added one by one).
 """
 
-from cowjax.config_defaults import default_config
+from cowjax.config_defaults import apply_ablation, default_config
 
 EPOCHS = 150
 
@@ -24,14 +24,5 @@ def get_config(arg: str = "full"):
     c.num_train_steps = EPOCHS * n_train // c.batch_size
     c.checkpoint_every_steps = 1000
     c.eval_every_steps = 1000
-    ablations = {
-        "heatmap_only": dict(w_segmentation=0.0, w_landmark_attr=0.0, w_segment_attr=0.0,
-                             w_consistency=0.0),
-        "seg": dict(w_landmark_attr=0.0, w_segment_attr=0.0, w_consistency=0.0),
-        "seg_attr": dict(w_consistency=0.0),
-        "full": {},
-    }
-    if arg not in ablations:
-        raise ValueError(f"configs/paper.py: unknown argument {arg!r}; one of {sorted(ablations)}")
-    c.loss.update(ablations[arg])
+    apply_ablation(c, arg, "configs/paper.py")
     return c

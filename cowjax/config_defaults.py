@@ -65,3 +65,22 @@ def default_config() -> ml_collections.ConfigDict:
     t.keep_checkpoints = 2
     t.distributed = False                 # call jax.distributed.initialize() (multi-host)
     return c
+
+
+# The paper's ablations: the auxiliary tasks added one by one (loss weights set to zero).
+ABLATIONS = {
+    "heatmap_only": dict(w_segmentation=0.0, w_landmark_attr=0.0, w_segment_attr=0.0,
+                         w_consistency=0.0),
+    "seg": dict(w_landmark_attr=0.0, w_segment_attr=0.0, w_consistency=0.0),
+    "seg_attr": dict(w_consistency=0.0),
+    "full": {},
+}
+
+
+def apply_ablation(config: ml_collections.ConfigDict, arg: str, source: str):
+    """Set the loss weights of ablation ``arg`` ("" means full); ValueError naming ``source``."""
+    arg = arg or "full"
+    if arg not in ABLATIONS:
+        raise ValueError(f"{source}: unknown argument {arg!r}; one of {sorted(ABLATIONS)}")
+    config.loss.update(ABLATIONS[arg])
+    return config

@@ -21,6 +21,13 @@ def test_paper_ablations_switch_the_auxiliary_tasks(arg):
     assert tuple(c.data.spacing) == (0.513, 0.513, 0.8)
 
 
+@pytest.mark.parametrize("arg", ["heatmap_only", "seg", "seg_attr"])
+def test_demo_offers_the_same_ablations_at_cpu_size(arg):
+    c, p = demo.get_config(arg), paper.get_config(arg)
+    assert c.loss.to_dict() == p.loss.to_dict() | {"heatmap": c.loss.heatmap}
+    assert demo.get_config("").loss.w_consistency > 0
+
+
 def test_paper_rejects_an_unknown_argument():
     with pytest.raises(ValueError, match="unknown argument"):
         paper.get_config("everything")
