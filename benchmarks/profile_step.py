@@ -1,7 +1,7 @@
 """Where the JAX train step's time goes: a profiler trace of the jitted ``step_mse`` step, summed per
 XLA op (fusion, convolution, copy, ...), biggest first.
 
-  python benchmarks/profile_step.py --config=configs/paper.py [--top=40] [--inference]
+  python benchmarks/profile_step.py --config=configs/paper.py:bench [--top=40] [--inference]
 """
 
 from __future__ import annotations

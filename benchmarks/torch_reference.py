@@ -2,8 +2,8 @@
 #   pip install torch==2.13.0        (the CPU wheel; no other version)
 """The cowjax network in PyTorch, timed like ``cowjax.bench`` so the two can be compared side by side.
 
-  python benchmarks/torch_reference.py --config=configs/paper.py --parts=model,step_mse,inference
-  python launch.py --mode=bench --config=configs/paper.py --parts=model,step_mse,inference
+  python benchmarks/torch_reference.py --config=configs/paper.py:bench --parts=model,step_mse,inference
+  python launch.py --mode=bench --config=configs/paper.py:bench --parts=model,step_mse,inference
 
 Same widths, residual blocks, group norm, 2x2x2 strided down / transposed up convolutions, concatenated
 skips, heads and input as ``cowjax/model/unet.py``; the train step is Adam on the same MSE-of-outputs

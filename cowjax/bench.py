@@ -1,8 +1,8 @@
 """Benchmarks: model size, train-step and inference speed, data pipeline, synthetic data, memory.
 
-  python launch.py --mode=bench --config=configs/paper.py --parts=model,step,inference
-  python benchmarks/torch_reference.py --config=configs/paper.py   # the same network in PyTorch
-  python benchmarks/profile_step.py --config=configs/paper.py      # where the step's time goes
+  python launch.py --mode=bench --config=configs/paper.py:bench --parts=model,step,inference
+  python benchmarks/torch_reference.py --config=configs/paper.py:bench   # the same network in PyTorch
+  python benchmarks/profile_step.py --config=configs/paper.py:bench      # where the step's time goes
 
 Side by side with PyTorch, name ``step_mse`` (the loss both have; the default parts time ``step``, the
 project's own loss): ``--parts=model,step_mse,inference`` for both commands.
