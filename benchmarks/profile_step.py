@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import sys
 import tempfile
 import time
@@ -21,21 +20,13 @@ from cowjax import bench  # noqa: E402
 from cowjax.model import unet  # noqa: E402
 
 
-def _load_config(spec: str):
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("cowjax_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--inference", action="store_true", help="profile the forward pass only")
     args = parser.parse_args()
-    config = _load_config(args.config)
+    config = bench.load_config(args.config)
     model = unet.build_model(config)
     shape = tuple(int(n) for n in config.data.crop_shape)
     params = unet.init_params(model, jax.random.key(0))

@@ -14,13 +14,10 @@ Run both in one session on the same machine and compare ratios, not absolute tim
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +25,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cowjax import anatomy  # noqa: E402
+from cowjax import bench  # noqa: E402
 from cowjax.bench import whole_volume_shape  # noqa: E402
 
 
@@ -94,30 +92,13 @@ def _emit(part, **fields):
     print(json.dumps({"part": part, "framework": "torch", **fields}), flush=True)
 
 
-def _median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def _load_config(spec: str):
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("cowjax_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="configs/*.py[:arg]")
     parser.add_argument("--parts", default="model,step_mse,inference")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    config = _load_config(args.config)
+    config = bench.load_config(args.config)
     parts = args.parts.split(",")
     torch.manual_seed(config.seed)
     widths = tuple(config.model.widths)
@@ -140,7 +121,7 @@ def main():
             opt.step()
 
         step()
-        sec = _median_time(step, args.repeats)
+        sec = bench.median_time(step, args.repeats)
         _emit("step_mse", loss="mse", batch=b, input=list(shape), step_s=round(sec, 4),
               steps_per_s=round(1 / sec, 3), voxels_per_s=round(b * math.prod(shape) / sec))
     if "inference" in parts:
@@ -149,7 +130,7 @@ def main():
             x = torch.randn(1, 1, *vol)
             with torch.inference_mode():
                 model(x)
-                sec = _median_time(lambda: model(x),
+                sec = bench.median_time(lambda: model(x),
                                    args.repeats if name == "crop" else min(args.repeats, 2))
             _emit("inference", volume=name, input=list(vol), forward_s=round(sec, 4),
                   voxels_per_s=round(math.prod(vol) / sec))

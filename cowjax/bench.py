@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from cowjax import anatomy
-from cowjax.model import conv, unet
+from cowjax.model import unet
 
 PARTS = ("model", "step", "step_mse", "inference", "pipeline", "synthetic", "memory")
 # A typical whole MRA field of view around the circle of Willis (mm) for the inference timing.
@@ -37,7 +37,17 @@ def _emit(part: str, **fields) -> None:
     print(json.dumps({"part": part, "framework": "jax", **fields}), flush=True)
 
 
-def _median_time(fn, repeats: int) -> float:
+def load_config(spec: str):
+    """``configs/x.py[:arg]`` -> its ConfigDict, for the benchmark scripts outside absl."""
+    import importlib.util
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("cowjax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def median_time(fn, repeats: int) -> float:
     """Median wall time of ``fn()`` (which must block until its result is ready)."""
     times = []
     for _ in range(repeats):
@@ -122,7 +132,7 @@ def _bench_step(part, model, params, config, shape, repeats, use_project_loss):
         loss.block_until_ready()
 
     run()  # first call: allocation and warm-up
-    sec = _median_time(run, repeats)
+    sec = median_time(run, repeats)
     voxels = config.batch_size * int(np.prod(shape))
     _emit(part, loss=loss_name, conv_impl=config.model.conv_impl,
           batch=config.batch_size, input=list(shape), step_s=round(sec, 4),
@@ -151,7 +161,7 @@ def _bench_inference(model, params, config, repeats):
             jax.block_until_ready(compiled(params, x))
 
         run()
-        sec = _median_time(run, repeats if name == "crop" else min(repeats, 2))
+        sec = median_time(run, repeats if name == "crop" else min(repeats, 2))
         _emit("inference", volume=name, input=list(shape), spacing=list(config.data.spacing),
               conv_impl=config.model.conv_impl, forward_s=round(sec, 4),
               voxels_per_s=round(int(np.prod(shape)) / sec),

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from cowjax import anatomy
 from cowjax.data import io, pipeline, preprocess
 from cowjax.errors import CowjaxError
 from test_targets import tube_phantom
