@@ -80,7 +80,7 @@ def test_world_coordinates_survive_any_affine_and_size(stride, affine, shape, wi
     predictor = _echo_predictor(stride)
     predictor.locate = lambda volume, first_guess: first_guess  # windows counted here: not the search
     pred = predictor.predict(_blob_image(affine, shape, centre), affine)
-    assert windows is None or predictor._forward.calls == windows
+    assert windows is None or predictor._forward.calls == 2 * windows   # and the mirror image
     assert pred.landmarks.shape == (L, 3) and pred.confidence.shape == (L,)
     # Grid spacing is 3 mm; the peak is recovered to a fraction of a voxel.
     np.testing.assert_allclose(pred.landmarks, np.broadcast_to(centre, (L, 3)), atol=0.5)
@@ -274,3 +274,19 @@ def test_eval_scores_cases_and_writes_the_report(workdir, tmp_path, capsys):
     assert report["groups"]["variant"]["num_cases"] == 1
     assert report["groups"]["complete"]["num_cases"] == 0
     assert "report.md" in capsys.readouterr().out
+
+
+def test_flip_brings_the_mirror_image_back_onto_the_right_channels():
+    """In the mirrored world the network calls the patient's left landmarks _R: the mirror pass
+    must be negated in x and its _R/_L channels swapped before averaging."""
+    predictor = _echo_predictor(1)
+    truth = np.random.default_rng(0).normal(0.0, 20.0, (L, 3))
+    affine = _affine((1.5, 1.5, 1.5))
+
+    def once(image, aff, segmentation):
+        mirrored = np.linalg.det(aff[:3, :3]) * np.linalg.det(affine[:3, :3]) < 0
+        seen = truth[anatomy.MIRROR_LANDMARKS] * [-1.0, 1.0, 1.0] if mirrored else truth
+        return predict.Prediction(seen, np.ones(L), np.zeros(L), np.zeros(anatomy.NUM_SEGMENTS))
+
+    predictor._predict_once = once
+    np.testing.assert_allclose(predictor.predict(np.zeros((4, 4, 4)), affine).landmarks, truth)

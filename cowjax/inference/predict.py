@@ -110,11 +110,13 @@ class Predictor:
     margin_mm: how far the neighbouring windows are shifted from the central one (at most half a
       window); the region covered is the window plus this margin on each side. Default: the
       training's random crop translation. 0: the central window only.
+    flip: also predict on the left-right mirror image and average (test-time augmentation).
     """
 
     def __init__(self, config, params, batch_size: int | None = None,
-                 margin_mm: float | None = None):
+                 margin_mm: float | None = None, flip: bool = True):
         self.config = config
+        self.flip = flip
         self.params = params
         self.batch_size = batch_size or (1 if jax.default_backend() == "cpu" else 8)
         self.window = tuple(int(n) for n in config.data.crop_shape)
@@ -190,7 +192,24 @@ class Predictor:
 
     def predict(self, image, affine, segmentation: bool = False) -> Prediction:
         """Landmarks of one image. image: [X, Y, Z] (any orientation, any size); affine: [4, 4]
-        voxel -> world RAS mm. ``segmentation=True`` also returns segment labels on the input grid."""
+        voxel -> world RAS mm. ``segmentation=True`` also returns segment labels on the input grid.
+
+        With ``flip`` (test-time augmentation) the image is also seen mirrored left-right: the same
+        voxels with the world's x negated, so the network meets a mirror image of the patient; its
+        landmarks are mirrored back (x negated, _R and _L channels swapped) and averaged in."""
+        pred = self._predict_once(image, affine, segmentation)
+        if not self.flip:
+            return pred
+        mirror = np.diag([-1.0, 1.0, 1.0, 1.0])
+        m = self._predict_once(image, mirror @ np.asarray(affine, np.float64), False)
+        lm, seg_idx = anatomy.MIRROR_LANDMARKS, anatomy.MIRROR_SEGMENTS
+        return dataclasses.replace(
+            pred, landmarks=(pred.landmarks + m.landmarks[lm] * [-1.0, 1.0, 1.0]) / 2,
+            confidence=(pred.confidence + m.confidence[lm]) / 2,
+            bifurcation_prob=(pred.bifurcation_prob + m.bifurcation_prob[lm]) / 2,
+            present_prob=(pred.present_prob + m.present_prob[seg_idx]) / 2)
+
+    def _predict_once(self, image, affine, segmentation: bool) -> Prediction:
         image = np.asarray(image, np.float32)
         case = io.Case("predict", image, np.asarray(affine, np.float64),
                        np.full((anatomy.NUM_LANDMARKS, 3), np.nan))
