@@ -11,6 +11,7 @@ Everything worth testing lives in ``cowjax``; this file parses flags and makes o
 A user's mistake (a bad path, a broken file) is printed as one line and exits with status 2.
 """
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -90,5 +91,23 @@ def main(argv):
         sys.exit(130)
 
 
+def _parse_flags(argv):
+    """absl's parser, but a bad flag or config file is one line (config_flags would embed the
+    config file's traceback in its message)."""
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = lines[-1] if len(lines) > 1 else ""
+        print(f"error: {lines[0]} {detail}".rstrip(), file=sys.stderr)
+        sys.exit(2)
+    if flags.FLAGS["config"].present:
+        path = config_flags.get_config_filename(flags.FLAGS["config"])
+        if not os.path.isfile(path):
+            print(f"error: --config: {path} does not exist", file=sys.stderr)
+            sys.exit(2)
+    return rest
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -1,6 +1,9 @@
 """The experiment configs load, say what their docstrings say, and take command-line overrides."""
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from absl import flags
@@ -66,3 +69,16 @@ def test_top_level_fields_are_overridable_on_the_command_line():
     assert (c.num_train_steps, c.seed, c.checkpoint_every_steps, c.eval_every_steps) == (50, 3, 7, 9)
     assert c.optim.learning_rate == 0.002
     assert c.model.heatmap_stride == demo.get_config().model.heatmap_stride
+
+
+@pytest.mark.parametrize("config, message", [
+    ("configs/nope.py", "configs/nope.py does not exist"),
+    ("configs/demo.py:bogus", "unknown argument 'bogus'"),
+])
+def test_a_bad_config_flag_is_one_line_without_traceback(tmp_path, config, message):
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "launch.py", f"--config={config}",
+                        f"--workdir={tmp_path / 'run'}"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
