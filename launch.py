@@ -102,7 +102,8 @@ def _parse_flags(argv):
         print(f"error: {lines[0]} {detail}".rstrip(), file=sys.stderr)
         sys.exit(2)
     if flags.FLAGS["config"].present:
-        path = config_flags.get_config_filename(flags.FLAGS["config"])
+        # "configs/x.py:arg" names the file configs/x.py, called with "arg".
+        path = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")[0]
         if not os.path.isfile(path):
             print(f"error: --config: {path} does not exist", file=sys.stderr)
             sys.exit(2)

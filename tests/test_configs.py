@@ -1,5 +1,6 @@
 """The experiment configs load, say what their docstrings say, and take command-line overrides."""
 
+import json
 import math
 import subprocess
 import sys
@@ -82,3 +83,13 @@ def test_a_bad_config_flag_is_one_line_without_traceback(tmp_path, config, messa
     assert r.returncode == 2 and message in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_config_argument_reaches_get_config(tmp_path):
+    # "path:arg" must name the file path and pass arg (the ablations and configs/paper.py:bench).
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "launch.py", "--config=configs/paper.py:bench", "--mode=bench",
+                        "--parts=model"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    model = json.loads(r.stdout.strip().splitlines()[0])
+    assert model["input"] == [2, 64, 64, 48, 1]
