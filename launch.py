@@ -79,7 +79,9 @@ def _usage(message):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from cowjax import devices
     from cowjax.errors import CowjaxError
+    devices.use_cpu_cores()  # on a CPU, one JAX device per core: see cowjax/devices.py
     logging.set_verbosity(logging.WARNING)
     try:
         _run()

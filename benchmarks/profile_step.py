@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cowjax import bench  # noqa: E402
+from cowjax import bench, devices  # noqa: E402
 from cowjax.model import unet  # noqa: E402
 
 
@@ -26,6 +26,7 @@ def main():
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--inference", action="store_true", help="profile the forward pass only")
     args = parser.parse_args()
+    devices.use_cpu_cores()
     config = bench.load_config(args.config)
     model = unet.build_model(config)
     shape = tuple(int(n) for n in config.data.crop_shape)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cowjax import anatomy
+from cowjax import anatomy, devices
 from cowjax.model import unet
 
 PARTS = ("model", "step", "step_mse", "inference", "pipeline", "synthetic", "memory")
@@ -101,7 +101,8 @@ def _loss_fn(use_project_loss: bool):
 
 
 def make_train_step(model, config, loss_fn):
-    """A minimal Adam train step ``(params, opt_state, batch) -> (params, opt_state, loss)``."""
+    """A minimal Adam train step ``(params, opt_state, batch) -> (params, opt_state, loss)``, the
+    batch split over ``devices.data_mesh`` (on a CPU: one device per core) like in training."""
     tx = optax.adam(config.optim.learning_rate, b1=config.optim.b1, b2=config.optim.b2)
 
     def step(params, opt_state, batch):
@@ -112,19 +113,25 @@ def make_train_step(model, config, loss_fn):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return tx, jax.jit(step, donate_argnums=(0, 1))
+    mesh = devices.data_mesh(config.batch_size)
+    rep, split = devices.replicated(mesh), devices.split(mesh)
+    return tx, jax.jit(step, in_shardings=(rep, rep, split), out_shardings=(rep, rep, rep),
+                       donate_argnums=(0, 1))
 
 
 def _bench_step(part, model, params, config, shape, repeats, use_project_loss):
     loss_name, loss_fn = _loss_fn(use_project_loss)
     tx, step = make_train_step(model, config, loss_fn)
-    batch = random_batch(jax.random.key(1), config.batch_size, shape)
+    batch = jax.device_put(random_batch(jax.random.key(1), config.batch_size, shape),
+                           devices.split(devices.data_mesh(config.batch_size)))
     params = jax.tree.map(jnp.copy, params)  # the step donates its inputs
     opt_state = tx.init(params)
     t = time.perf_counter()
     compiled = step.lower(params, opt_state, batch).compile()
     compile_s = time.perf_counter() - t
+    # An SPMD program's cost analysis counts one device's share.
     flops = _flops(compiled)
+    flops = flops * devices.data_mesh(config.batch_size).size if flops else None
     state = [params, opt_state]
 
     def run():
@@ -135,7 +142,7 @@ def _bench_step(part, model, params, config, shape, repeats, use_project_loss):
     sec = median_time(run, repeats)
     voxels = config.batch_size * int(np.prod(shape))
     _emit(part, loss=loss_name, conv_impl=config.model.conv_impl,
-          batch=config.batch_size, input=list(shape), step_s=round(sec, 4),
+          batch=config.batch_size, devices=devices.data_mesh(config.batch_size).size, input=list(shape), step_s=round(sec, 4),
           steps_per_s=round(1 / sec, 3), voxels_per_s=round(voxels / sec),
           compile_s=round(compile_s, 1),
           flops_per_step=flops, gflops_per_s=round(flops / sec / 1e9, 1) if flops else None)
@@ -149,13 +156,26 @@ def whole_volume_shape(config) -> tuple[int, int, int]:
     return tuple(int(v) for v in vox)
 
 
+def _spatial_mesh(model, shape):
+    """The local devices a batch-1 volume of ``shape`` can be split over along its first axis
+    (XLA partitions the convolutions, exchanging the halo): as many as keep every device's slab a
+    multiple of the network's pooling factor."""
+    factor = 2 ** (len(model.widths) - 1)
+    n = max(k for k in range(1, jax.local_device_count() + 1) if shape[0] % (k * factor) == 0)
+    return jax.sharding.Mesh(np.array(jax.local_devices()[:n]), ("data",))
+
+
 def _bench_inference(model, params, config, repeats):
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
     for name, shape in (("crop", tuple(config.data.crop_shape)),
                         ("whole_volume", whole_volume_shape(config))):
+        mesh = _spatial_mesh(model, shape)
         x = jax.random.normal(jax.random.key(2), (1, *shape, 1), jnp.float32)
+        x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data")))
+        params = jax.device_put(params, devices.replicated(mesh))
         compiled = forward.lower(params, x).compile()
         flops = _flops(compiled)
+        flops = flops * mesh.size if flops else None  # one device's share, times the devices
 
         def run():
             jax.block_until_ready(compiled(params, x))
@@ -163,7 +183,7 @@ def _bench_inference(model, params, config, repeats):
         run()
         sec = median_time(run, repeats if name == "crop" else min(repeats, 2))
         _emit("inference", volume=name, input=list(shape), spacing=list(config.data.spacing),
-              conv_impl=config.model.conv_impl, forward_s=round(sec, 4),
+              conv_impl=config.model.conv_impl, devices=mesh.size, forward_s=round(sec, 4),
               voxels_per_s=round(int(np.prod(shape)) / sec),
               gflops_per_s=round(flops / sec / 1e9, 1) if flops else None)
 

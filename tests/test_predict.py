@@ -64,7 +64,7 @@ class _EchoNet:
 
 def _echo_predictor(stride):
     config = _config(stride)
-    pred = predict.Predictor(config, params=None)
+    pred = predict.Predictor(config, params=None, batch_size=1)  # one forward call per window
     pred._forward = _EchoNet(stride)
     return pred
 
@@ -173,6 +173,21 @@ def test_ras_and_lps_storage_give_same_world_landmarks(workdir, tmp_path):
     b = predictor.predict(*io.load_image(tmp_path / "lps.nii.gz"))
     np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-3)
     np.testing.assert_allclose(a.present_prob, b.present_prob, atol=1e-4)
+
+
+def test_windows_split_over_devices_give_the_same_prediction(workdir):
+    # Batches of windows are split over the devices (conftest: one CPU device per core); the
+    # prediction must not depend on how many windows go into one call, padding included.
+    from cowjax.training import checkpoint
+    config, params = checkpoint.load_for_inference(workdir)
+    img, affine = _image()
+    one = predict.Predictor(config, params, batch_size=1, margin_mm=3.0).predict(img, affine)
+    n = 2 * jax.local_device_count()          # 27 windows: the last batch is partly padding
+    many = predict.Predictor(config, params, batch_size=n, margin_mm=3.0)
+    assert many.mesh.size == jax.local_device_count()
+    got = many.predict(img, affine)
+    np.testing.assert_allclose(got.landmarks, one.landmarks, atol=1e-3)
+    np.testing.assert_allclose(got.present_prob, one.present_prob, atol=1e-5)
 
 
 def test_softmax_model_confidences_are_probabilities(workdir):

@@ -121,8 +121,9 @@ def test_loss_falls_when_overfitting_one_batch():
     config.model.heatmap_stride = 2
     model, tx = TinyNet(2), state_lib.make_optimizer(config)
     state = state_lib.create_state(state_lib.init_params(model, config), tx)
-    step = train.compile_train_step(train.make_train_step(model, config, tx), train.make_mesh())
-    batch = train.to_device(random_batch(config, 0), train.make_mesh())
+    mesh = train.make_mesh(config.batch_size)
+    step = train.compile_train_step(train.make_train_step(model, config, tx), mesh)
+    batch = train.to_device(random_batch(config, 0), mesh)
     losses = []
     for _ in range(12):
         state, metrics = step(state, batch)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from cowjax import anatomy
+from cowjax import anatomy, devices
 from cowjax.data import io, preprocess
 from cowjax.errors import CowjaxError, atomic_output
 from cowjax.inference import decode
@@ -106,7 +106,8 @@ def _apply(model, kind, params, images):
 class Predictor:
     """A trained (or freshly initialised) network turned into ``predict(image, affine)``.
 
-    batch_size: windows per forward call (default: 1 on CPU, 8 on an accelerator).
+    batch_size: windows per forward call, split over this process's devices (default: one per CPU
+      device, i.e. per core; 8 on an accelerator).
     margin_mm: how far the neighbouring windows are shifted from the central one (at most half a
       window); the region covered is the window plus this margin on each side. Default: the
       training's random crop translation. 0: the central window only.
@@ -117,8 +118,9 @@ class Predictor:
                  margin_mm: float | None = None, flip: bool = True):
         self.config = config
         self.flip = flip
-        self.params = params
-        self.batch_size = batch_size or (1 if jax.default_backend() == "cpu" else 8)
+        self.batch_size = batch_size or devices.window_batch()
+        self.mesh = devices.data_mesh(self.batch_size, local=True)
+        self.params = jax.device_put(params, devices.replicated(self.mesh))
         self.window = tuple(int(n) for n in config.data.crop_shape)
         self.stride = int(config.model.heatmap_stride)
         self.kind = "logits" if config.loss.heatmap == "softmax_ce" else "gaussian"
@@ -149,7 +151,7 @@ class Predictor:
             crops = np.zeros((self.batch_size,) + self.window + (1,), np.float32)
             for j, st in enumerate(chunk):
                 crops[j, ..., 0] = padded[tuple(slice(s, s + n) for s, n in zip(st, self.window))]
-            out = self._forward(self.params, jnp.asarray(crops))
+            out = self._forward(self.params, jax.device_put(crops, devices.split(self.mesh)))
             out = jax.device_get({k: out[k] for k in keys})
             for j in range(len(chunk)):
                 yield i + j, {k: v[j] for k, v in out.items()}

@@ -1,7 +1,8 @@
 """Data-parallel training with automatic resume: ``train_and_evaluate(config, workdir)``.
 
-One jitted step ``(state, batch) -> (state, metrics)`` over a ``('data',)`` mesh of all devices:
-the batch is split over the devices, the state replicated and donated. Checkpoints are made at
+One jitted step ``(state, batch) -> (state, metrics)`` over a ``('data',)`` mesh
+(``devices.data_mesh``: every device, or on one host as many as the batch divides over, which on a
+CPU means one per core): the batch is split over the devices, the state replicated and donated. Checkpoints are made at
 fixed steps (every ``checkpoint_every_steps`` and the last), on SIGTERM, and hold the data
 iterator's position, so a run killed at any moment and started again with the same command
 continues where the last checkpoint was and ends with the same numbers.
@@ -25,7 +26,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from cowjax import losses
+from cowjax import devices, losses
 from cowjax.errors import CowjaxError, atomic_output
 from cowjax.training import checkpoint as ckpt
 from cowjax.training import state as state_lib
@@ -59,8 +60,8 @@ def make_train_step(model, config, tx):
     return step
 
 
-def make_mesh() -> Mesh:
-    return Mesh(np.array(jax.devices()), ("data",))
+def make_mesh(batch_size: int) -> Mesh:
+    return devices.data_mesh(batch_size)
 
 
 def compile_train_step(step_fn, mesh: Mesh):
@@ -96,17 +97,27 @@ def make_eval_fn(model, config):
     return predict
 
 
-def validation_mre(eval_fn, params, examples, spacing) -> float:
+def validation_mre(eval_fn, params, examples, spacing, mesh: Mesh | None = None) -> float:
     """Mean radial error (mm) over the known landmarks of the validation examples.
 
     examples: iterable of dicts with ``image [X,Y,Z,1]``, ``landmarks [19,3]`` crop voxel coords and
-    ``landmark_mask [19]``. Voxel differences times spacing give millimetres.
+    ``landmark_mask [19]``. Voxel differences times spacing give millimetres. With ``mesh`` (the
+    one ``params`` are replicated on), the examples are split over its devices.
     """
     errors = []
-    for ex in examples:
-        coords = np.asarray(eval_fn(params, np.asarray(ex["image"])[None]))[0]
-        err = np.linalg.norm((coords - ex["landmarks"]) * np.asarray(spacing), axis=-1)
-        errors.append(err[np.asarray(ex["landmark_mask"]) > 0])
+    examples = list(examples)
+    n = mesh.size if mesh is not None else 1
+    for i in range(0, len(examples), n):  # n examples per call: one per device of the mesh
+        chunk = examples[i:i + n]
+        images = np.stack([np.asarray(ex["image"]) for ex in chunk])
+        images = np.concatenate([images, np.zeros((n - len(chunk),) + images.shape[1:],
+                                                  images.dtype)])
+        if mesh is not None:
+            images = jax.device_put(images, devices.split(mesh))
+        coords = np.asarray(eval_fn(params, images))
+        for ex, c in zip(chunk, coords):
+            err = np.linalg.norm((c - ex["landmarks"]) * np.asarray(spacing), axis=-1)
+            errors.append(err[np.asarray(ex["landmark_mask"]) > 0])
     errors = np.concatenate(errors) if errors else np.zeros(0)
     return float(errors.mean()) if errors.size else float("nan")
 
@@ -152,10 +163,9 @@ class _Sigterm:
 
 
 def check_config(config) -> None:
-    n = jax.device_count()
-    if config.batch_size < 1 or config.batch_size % n:
-        raise CowjaxError(f"config.batch_size={config.batch_size} must be a positive multiple of "
-                          f"the {n} devices")
+    problem = devices.batch_error(config.batch_size)
+    if problem:
+        raise CowjaxError(problem)
     if config.train.nonfinite not in ("stop", "skip"):
         raise CowjaxError(f"config.train.nonfinite: unknown {config.train.nonfinite!r}; "
                           "'stop' or 'skip'")
@@ -181,7 +191,7 @@ def run_training(config, workdir, model, train_iter, val_examples) -> dict:
     """
     workdir = Path(workdir)
     check_config(config)
-    mesh = make_mesh()
+    mesh = make_mesh(config.batch_size)
     replicated = NamedSharding(mesh, P())
     tx = state_lib.make_optimizer(config)
     checkpoints = ckpt.Checkpoints(workdir, config.train.keep_checkpoints)
@@ -239,7 +249,8 @@ def run_training(config, workdir, model, train_iter, val_examples) -> dict:
                                        "steps_per_s": (step - start) / (time.perf_counter() - t0)})
                 mre = None
                 if step % config.eval_every_steps == 0 or last:
-                    mre = validation_mre(eval_fn, state["params"], val_examples, config.data.spacing)
+                    mre = validation_mre(eval_fn, state["params"], val_examples, config.data.spacing,
+                                          mesh)
                     summary["val_mre_mm"] = mre
                     metrics_log.write({"step": step, "split": "val", "mre_mm": mre})
                     bar.write(f"step {step}: validation MRE {mre:.3f} mm")

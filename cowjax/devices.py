@@ -1,0 +1,75 @@
+"""Devices: one JAX CPU device per core, and the ('data',) mesh a batch is split over.
+
+XLA's CPU backend runs each operation (a convolution, a fusion) on a single thread; a program keeps
+several cores busy only where its graph has independent operations, which a U-Net's chain of layers
+rarely has (profiled on 2 cores: each core idle about a third of the train step; BENCHMARKS.md). With
+one CPU device per core the batch is split over the cores like over GPUs, every core runs its share,
+and the step is the same computation (``tests/test_training.py`` checks one device against four).
+On GPU/TPU nothing changes: the CPU devices are not the default backend's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def use_cpu_cores(n: int | None = None) -> None:
+    """Ask for ``n`` (default: one per core) JAX CPU devices. Call before JAX computes anything;
+    does nothing when XLA_FLAGS already sets the host device count (the user's choice wins)."""
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    jax.config.update("jax_num_cpu_devices", int(n or cpu_cores()))
+
+
+def data_mesh(batch_size: int, local: bool = False) -> Mesh:
+    """A ('data',) mesh for a global batch of ``batch_size``: every device when several processes
+    train together (the batch must divide over them: ``batch_error``); in one process, or over this
+    process's devices with ``local``, the most devices the batch divides over (batch 2 on 4 CPU
+    devices: 2 of them)."""
+    devices = jax.local_devices() if local else jax.devices()
+    if local or jax.process_count() == 1:
+        n = max(k for k in range(1, len(devices) + 1) if batch_size % k == 0)
+        devices = devices[:n]
+    return Mesh(np.array(devices), ("data",))
+
+
+def batch_error(batch_size: int) -> str | None:
+    """Why ``batch_size`` cannot be split over this run's devices, or None."""
+    if batch_size < 1:
+        return f"config.batch_size={batch_size} must be positive"
+    n = jax.device_count()
+    if jax.process_count() > 1 and batch_size % n:
+        return (f"config.batch_size={batch_size} must be a multiple of the {n} devices of the "
+                f"{jax.process_count()} processes")
+    return None
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def split(mesh: Mesh) -> NamedSharding:
+    """The leading (batch) axis split over 'data'."""
+    return NamedSharding(mesh, P("data"))
+
+
+def window_batch(accelerator_batch: int = 8) -> int:
+    """Windows per inference call: one per local device on CPU (so every core runs one), else
+    ``accelerator_batch`` rounded up to a multiple of the local devices."""
+    n = jax.local_device_count()
+    if jax.default_backend() == "cpu":
+        return n
+    return math.ceil(accelerator_batch / n) * n
