@@ -11,8 +11,8 @@ Sizes: 2 mm voxels, a 64 x 40 x 40 crop (128 x 80 x 80 mm: the whole circle with
 (8, 16, 32, 64), heatmaps and segmentation at half resolution (so the full-resolution decoder level
 is not built), spatial-softmax cross-entropy on the heatmaps, Adam at lr 1e-3 with a short warmup
 and cosine decay, translation/rotation/scale/intensity/noise/flip augmentation, 60 synthetic cases.
-Measured 2026-11-24 on the 2-core dev CPU: about 0.31 s per train step when the machine is quiet;
-the whole command (data, training, test evaluation) in about 15 minutes (README has the output).
+Measured 2026-11-24 on the 2-core dev CPU (one JAX device per core): about 0.23 s per train step;
+the whole command (data, training, test evaluation) in about 12 minutes (README has the output).
 """
 
 from cowjax.config_defaults import apply_ablation, default_config
