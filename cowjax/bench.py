@@ -122,8 +122,9 @@ def make_train_step(model, config, loss_fn):
 def _bench_step(part, model, params, config, shape, repeats, use_project_loss):
     loss_name, loss_fn = _loss_fn(use_project_loss)
     tx, step = make_train_step(model, config, loss_fn)
+    mesh = devices.data_mesh(config.batch_size)  # the one make_train_step splits the batch over
     batch = jax.device_put(random_batch(jax.random.key(1), config.batch_size, shape),
-                           devices.split(devices.data_mesh(config.batch_size)))
+                           devices.split(mesh))
     params = jax.tree.map(jnp.copy, params)  # the step donates its inputs
     opt_state = tx.init(params)
     t = time.perf_counter()
@@ -131,7 +132,7 @@ def _bench_step(part, model, params, config, shape, repeats, use_project_loss):
     compile_s = time.perf_counter() - t
     # An SPMD program's cost analysis counts one device's share.
     flops = _flops(compiled)
-    flops = flops * devices.data_mesh(config.batch_size).size if flops else None
+    flops = flops * mesh.size if flops else None
     state = [params, opt_state]
 
     def run():
@@ -142,7 +143,7 @@ def _bench_step(part, model, params, config, shape, repeats, use_project_loss):
     sec = median_time(run, repeats)
     voxels = config.batch_size * int(np.prod(shape))
     _emit(part, loss=loss_name, conv_impl=config.model.conv_impl,
-          batch=config.batch_size, devices=devices.data_mesh(config.batch_size).size, input=list(shape), step_s=round(sec, 4),
+          batch=config.batch_size, devices=mesh.size, input=list(shape), step_s=round(sec, 4),
           steps_per_s=round(1 / sec, 3), voxels_per_s=round(voxels / sec),
           compile_s=round(compile_s, 1),
           flops_per_step=flops, gflops_per_s=round(flops / sec / 1e9, 1) if flops else None)
@@ -171,7 +172,8 @@ def _bench_inference(model, params, config, repeats):
                         ("whole_volume", whole_volume_shape(config))):
         mesh = _spatial_mesh(model, shape)
         x = jax.random.normal(jax.random.key(2), (1, *shape, 1), jnp.float32)
-        x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data")))
+        along_x = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+        x = jax.device_put(x, along_x)
         params = jax.device_put(params, devices.replicated(mesh))
         compiled = forward.lower(params, x).compile()
         flops = _flops(compiled)

@@ -2,10 +2,10 @@
 
 One jitted step ``(state, batch) -> (state, metrics)`` over a ``('data',)`` mesh
 (``devices.data_mesh``: every device, or on one host as many as the batch divides over, which on a
-CPU means one per core): the batch is split over the devices, the state replicated and donated. Checkpoints are made at
-fixed steps (every ``checkpoint_every_steps`` and the last), on SIGTERM, and hold the data
-iterator's position, so a run killed at any moment and started again with the same command
-continues where the last checkpoint was and ends with the same numbers.
+CPU means one per core): the batch is split over the devices, the state replicated and donated.
+Checkpoints are made at fixed steps (every ``checkpoint_every_steps`` and the last), on SIGTERM,
+and hold the data iterator's position, so a run killed at any moment and started again with the
+same command continues where the last checkpoint was and ends with the same numbers.
 
 Workdir: ``config.json`` (the resolved config and seed), ``metrics.jsonl`` (train metrics every
 ``log_every_steps``, validation every ``eval_every_steps``), ``checkpoints/``, ``best/``.
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from cowjax import devices, losses
@@ -66,14 +66,14 @@ def make_mesh(batch_size: int) -> Mesh:
 
 def compile_train_step(step_fn, mesh: Mesh):
     """jit with the batch split over 'data', the state replicated and donated."""
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(step_fn, in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+    replicated = devices.replicated(mesh)
+    return jax.jit(step_fn, in_shardings=(replicated, devices.split(mesh)),
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 def to_device(batch: dict, mesh: Mesh) -> dict:
     """This process's share of a batch -> global arrays split over 'data'."""
-    sharding = NamedSharding(mesh, P("data"))
+    sharding = devices.split(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}
 
@@ -106,6 +106,7 @@ def validation_mre(eval_fn, params, examples, spacing, mesh: Mesh | None = None)
     """
     errors = []
     examples = list(examples)
+    spacing = np.asarray(spacing)
     n = mesh.size if mesh is not None else 1
     for i in range(0, len(examples), n):  # n examples per call: one per device of the mesh
         chunk = examples[i:i + n]
@@ -116,7 +117,7 @@ def validation_mre(eval_fn, params, examples, spacing, mesh: Mesh | None = None)
             images = jax.device_put(images, devices.split(mesh))
         coords = np.asarray(eval_fn(params, images))
         for ex, c in zip(chunk, coords):
-            err = np.linalg.norm((c - ex["landmarks"]) * np.asarray(spacing), axis=-1)
+            err = np.linalg.norm((c - ex["landmarks"]) * spacing, axis=-1)
             errors.append(err[np.asarray(ex["landmark_mask"]) > 0])
     errors = np.concatenate(errors) if errors else np.zeros(0)
     return float(errors.mean()) if errors.size else float("nan")
@@ -192,7 +193,7 @@ def run_training(config, workdir, model, train_iter, val_examples) -> dict:
     workdir = Path(workdir)
     check_config(config)
     mesh = make_mesh(config.batch_size)
-    replicated = NamedSharding(mesh, P())
+    replicated = devices.replicated(mesh)
     tx = state_lib.make_optimizer(config)
     checkpoints = ckpt.Checkpoints(workdir, config.train.keep_checkpoints)
     if checkpoints.latest_step() is not None:
