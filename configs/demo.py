@@ -20,7 +20,7 @@ from cowjax.config_defaults import apply_ablation, default_config
 
 def get_config(arg: str = ""):
     c = default_config()
-    c.num_train_steps = 2400
+    c.num_train_steps = 2000
     c.batch_size = 2
     c.checkpoint_every_steps = 200
     c.eval_every_steps = 200
@@ -44,6 +44,15 @@ def get_config(arg: str = ""):
     c.model.segmentation_stride = 2
 
     c.loss.heatmap = "softmax_ce"
+
+    r = c.refine
+    r.num_train_steps = 2500
+    r.batch_size = 4
+    r.spacing = (1.0, 1.0, 1.0)
+    r.crop_shape = (24, 24, 24)
+    r.widths = (8, 16, 32)
+    r.translate_mm = 6.0
+    r.prior_sigma_mm = 3.0
 
     o = c.optim
     o.learning_rate = 1e-3

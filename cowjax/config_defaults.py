@@ -28,6 +28,8 @@ def default_config() -> ml_collections.ConfigDict:
     d.heatmap_sigma_mm = 2.0
     d.num_workers = 0                     # grain worker processes (0: in-process)
     d.registration = "none"               # "none" or "template": rigid intensity registration first
+    d.crop_centre = "circle"              # training crops centred on the landmarks' centroid ("circle")
+                                          # or on one random landmark ("landmark": the refinement stage)
     d.augment = a = ml_collections.ConfigDict()
     a.translate_mm = 10.0                 # random translation of the crop (the paper's augmentation)
     a.rotate_deg = 0.0
@@ -60,10 +62,44 @@ def default_config() -> ml_collections.ConfigDict:
     o.warmup_steps = 0
     o.grad_clip = 0.0                     # global-norm clipping; 0 disables
 
+    # The refinement stage (0 steps: none). A second, small network trained on patches at a finer
+    # spacing, each centred on one landmark moved by up to translate_mm; at inference every
+    # landmark the first network found is re-detected in a patch centred on it, the refined
+    # heatmap's logits weighted by a Gaussian prior (prior_sigma_mm) around the first estimate.
+    # Trained after the first network, in <workdir>/refine, with its optimizer settings.
+    c.refine = r = ml_collections.ConfigDict()
+    r.num_train_steps = 0
+    r.batch_size = 4
+    r.spacing = (1.0, 1.0, 1.0)
+    r.crop_shape = (24, 24, 24)           # the patch, voxels
+    r.widths = (8, 16, 32)
+    r.heatmap_sigma_mm = 2.0
+    r.translate_mm = 6.0                  # the patch centre's random offset from its landmark (per axis)
+    r.prior_sigma_mm = 3.0
+
     c.train = t = ml_collections.ConfigDict()
     t.nonfinite = "stop"                  # "stop": halt naming the step; "skip": skip the update, count it
     t.keep_checkpoints = 2
     t.distributed = False                 # call jax.distributed.initialize() (multi-host)
+    return c
+
+
+def refine_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The full config of the refinement stage: ``config`` with ``config.refine`` applied.
+
+    Heatmaps at full resolution, trained with the spatial-softmax loss alone (the prior is added to
+    its logits at inference); the augmentation other than translation is the first stage's.
+    """
+    r = config.refine
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.num_train_steps, c.batch_size = r.num_train_steps, r.batch_size
+    c.data.spacing, c.data.crop_shape = tuple(r.spacing), tuple(r.crop_shape)
+    c.data.heatmap_sigma_mm, c.data.augment.translate_mm = r.heatmap_sigma_mm, r.translate_mm
+    c.data.crop_centre = "landmark"
+    c.model.widths, c.model.heatmap_stride, c.model.segmentation_stride = tuple(r.widths), 1, 1
+    c.loss.heatmap = "softmax_ce"
+    c.loss.update(w_heatmap=1.0, **ABLATIONS["heatmap_only"])
+    c.refine.num_train_steps = 0
     return c
 
 

@@ -88,15 +88,18 @@ def crop_center(pre: dict) -> np.ndarray:
     return pre["landmarks"][known].mean(axis=0) if known.any() else np.asarray(pre["fov_center"])
 
 
-def augment_example(pre: dict, rng: np.random.Generator, crop_shape, spacing, aug) -> dict:
+def augment_example(pre: dict, rng: np.random.Generator, crop_shape, spacing, aug,
+                    center=None) -> dict:
     """A random training example from a preprocessed case.
 
     pre: ``preprocess_case`` output; rng: this example's Generator (seeded from (seed, epoch,
-    index) by the pipeline); spacing: grid mm; aug: ``config.data.augment``.
+    index) by the pipeline); spacing: grid mm; aug: ``config.data.augment``; center: where the
+    crop is centred before the random translation (grid voxels [3]; default ``crop_center``).
     """
     spacing = np.asarray(spacing, np.float64)
     crop_shape = np.asarray(crop_shape)
-    center = crop_center(pre) + rng.uniform(-1, 1, 3) * aug.translate_mm / spacing
+    center = crop_center(pre) if center is None else np.asarray(center, np.float64)
+    center = center + rng.uniform(-1, 1, 3) * aug.translate_mm / spacing
     angles = np.deg2rad(aug.rotate_deg) * rng.uniform(-1, 1, 3)
     scale = 1.0 + aug.scale * rng.uniform(-1, 1)
     if aug.rotate_deg or aug.scale:

@@ -26,7 +26,9 @@ from cowjax.data import augment, io, preprocess
 from cowjax.errors import CowjaxError, atomic_output
 
 _CACHE_VERSION = 1  # bump when preprocessing changes what it writes
+_SYNTHETIC_VERSION = 2  # bump when the generator's cases change: they go to a new folder
 _SPLITS = ("train", "val", "test")
+_CROP_CENTRES = ("circle", "landmark")
 
 
 # ------------------------------------------------------------------------------- dataset and split
@@ -39,7 +41,8 @@ def _dataset_dir(config, workdir: Path) -> Path:
         raise CowjaxError(f"config.data.data_dir is empty; set it to the folder of cases "
                           f"(config.data.source = {d.source!r})")
     spacing = "x".join(f"{s:g}" for s in d.synthetic_spacing)
-    name = f"synthetic_n{d.num_cases}_s{d.synthetic_seed}_{spacing}mm_p{d.pathology_fraction:g}"
+    name = (f"synthetic_v{_SYNTHETIC_VERSION}_n{d.num_cases}_s{d.synthetic_seed}_{spacing}mm"
+            f"_p{d.pathology_fraction:g}")
     return workdir.resolve().parent / "data" / name
 
 
@@ -160,7 +163,12 @@ class _TrainExample:
         pre = preprocessed(self.case_dirs[case], self.config, self.cache_dir)
         rng = np.random.default_rng([seed, epoch, position])
         d = self.config.data
-        return augment.augment_example(pre, rng, d.crop_shape, d.spacing, d.augment)
+        center = None
+        if d.crop_centre == "landmark":
+            known = np.flatnonzero(np.all(np.isfinite(pre["landmarks"]), axis=-1))
+            if known.size:
+                center = pre["landmarks"][rng.choice(known)]
+        return augment.augment_example(pre, rng, d.crop_shape, d.spacing, d.augment, center)
 
 
 def train_loader(config, case_dirs, cache_dir):
@@ -173,6 +181,7 @@ def train_loader(config, case_dirs, cache_dir):
     case_dirs = [Path(p) for p in case_dirs]
     if not case_dirs:
         raise CowjaxError("no training cases")
+    _check_crop_centre(config)
     for p in tqdm(case_dirs, desc="preprocess", unit="case", leave=False):
         preprocessed(p, config, cache_dir)
     hosts, host = jax.process_count(), jax.process_index()
@@ -191,19 +200,39 @@ def train_loader(config, case_dirs, cache_dir):
     return iter(it_ds)
 
 
+def _check_crop_centre(config) -> None:
+    if config.data.crop_centre not in _CROP_CENTRES:
+        raise CowjaxError(f"config.data.crop_centre: unknown {config.data.crop_centre!r}; one of "
+                          f"{_CROP_CENTRES}")
+
+
+def _eval_centres(pre: dict, config, index: int) -> np.ndarray:
+    """Validation crop centres [N, 3] (grid voxels): the training crops' centre ("circle"), or each
+    known landmark moved by a fixed pseudo-random offset within the training's ("landmark")."""
+    if config.data.crop_centre == "circle":
+        return augment.crop_center(pre)[None]
+    known = pre["landmarks"][np.all(np.isfinite(pre["landmarks"]), axis=-1)]
+    shift_mm = np.random.default_rng([config.seed, index]).uniform(-1, 1, known.shape)
+    return known + shift_mm * config.data.augment.translate_mm / np.asarray(config.data.spacing)
+
+
 def eval_examples(config, case_dirs, cache_dir) -> list[dict]:
-    """Un-augmented examples centred as training crops are (``augment.crop_center``), for validation.
+    """Un-augmented examples centred as training crops are, for validation: on the landmarks'
+    centroid (``augment.crop_center``), or with ``data.crop_centre = "landmark"`` one per known
+    landmark near it.
 
     Each has the training keys (no batch axis) plus ``case_id``, ``grid_affine [4, 4]`` (canonical
     grid voxel -> world RAS), ``offset [3]`` (crop voxel + offset = grid voxel) and ``crop_affine``
     (crop voxel -> world RAS mm), so predicted crop coordinates convert to world mm.
     """
+    _check_crop_centre(config)
     examples = []
-    for case_dir in map(Path, case_dirs):
+    for index, case_dir in enumerate(map(Path, case_dirs)):
         pre = preprocessed(case_dir, config, cache_dir)
-        example, offset = augment.crop_example(pre, augment.crop_center(pre), config.data.crop_shape)
-        shift = np.eye(4)
-        shift[:3, 3] = offset
-        examples.append({**example, "case_id": case_dir.name, "grid_affine": pre["affine"],
-                         "offset": offset, "crop_affine": pre["affine"] @ shift})
+        for center in _eval_centres(pre, config, index):
+            example, offset = augment.crop_example(pre, center, config.data.crop_shape)
+            shift = np.eye(4)
+            shift[:3, 3] = offset
+            examples.append({**example, "case_id": case_dir.name, "grid_affine": pre["affine"],
+                             "offset": offset, "crop_affine": pre["affine"] @ shift})
     return examples

@@ -193,13 +193,14 @@ def _network_grid(case: io.Case, config) -> tuple[np.ndarray, tuple[int, ...]]:
     return np.linalg.inv(to_template) @ grid_t, shape
 
 
-def preprocess_case(case: io.Case, config) -> dict:
+def preprocess_case(case: io.Case, config, fov: bool = True) -> dict:
     """A Case on its own grid -> arrays on the canonical grid at ``config.data.spacing``.
 
     Keys: ``image [X, Y, Z] float32`` (normalised), ``affine [4, 4]`` (grid voxel -> world RAS),
     ``landmarks [19, 3]`` (grid voxel coords, NaN unknown), ``fov_center [3]`` (grid voxel coords of
-    ``estimate_fov_center``), ``segments [X, Y, Z] uint8`` or None (given, else derived from a
-    vessel mask and the landmarks), ``segment_attr/segment_attr_mask [20]``,
+    ``estimate_fov_center``; NaN with ``fov=False``, which skips it), ``segments [X, Y, Z] uint8``
+    or None (given, else derived from a vessel mask and the landmarks),
+    ``segment_attr/segment_attr_mask [20]``,
     ``landmark_attr/landmark_attr_mask [19]`` float32 (given, else derived from the segments).
     """
     from cowjax.data import targets  # targets imports jax; keep io/preprocess light to import
@@ -222,7 +223,8 @@ def preprocess_case(case: io.Case, config) -> dict:
             seg_attr = np.where(seg_mask > 0, seg_attr, d_seg)
             lm_attr = np.where(lm_mask > 0, lm_attr, d_lm)
             seg_mask, lm_mask = np.maximum(seg_mask, d_seg_mask), np.maximum(lm_mask, d_lm_mask)
-    fov = world_to_voxel(estimate_fov_center(case.image, case.affine), grid_affine)
+    fov = (world_to_voxel(estimate_fov_center(case.image, case.affine), grid_affine) if fov
+           else np.full(3, np.nan))
     return {
         "image": image.astype(np.float32),
         "affine": grid_affine,

@@ -126,6 +126,37 @@ class _Tree:
             gain = gain * np.where(arc > s0, 1.0 - st["signal_loss"], 1.0)
         self.vessels[name] = dict(points=pts, radius=radius, arc=arc0 + arc, gain=gain, label=label)
 
+    def fork(self, parent: str, names: tuple[str, str], template, radii) -> None:
+        """The two branches at the distal end of ``parent`` (M2, A2, P2), in one of two styles.
+
+        template: each branch's control offsets from the end (subject mm, already sided), the
+        anatomical default. Half the time instead a trunk runs on in the parent's direction (up to
+        20 deg off) and a side branch leaves it at 20-75 deg: the lumens then overlap for a few mm
+        beyond the branch point, so the landmark (the centerline branch point) is not where the
+        branches visibly part. radii: (start, end) of each branch.
+        """
+        pts = self.vessels[parent]["points"]
+        q = pts[-1]
+        if self.rng.uniform() < 0.5:
+            controls = [[q, *(q + np.asarray(o) + self.rng.normal(0, s, 3) for o, s in
+                              zip(offsets, (1.0, 2.0, 2.0)))] for offsets in template]
+        else:
+            d = pts[-1] - pts[max(0, len(pts) - 1 - int(6 / _vessels.STEP_MM))]
+            d = d / np.linalg.norm(d)
+            e = np.cross(d, self.rng.normal(size=3))
+            e = e / np.linalg.norm(e)
+            controls = []
+            for angle in (self.rng.uniform(0, 20), self.rng.uniform(20, 75)):
+                a = np.deg2rad(angle)
+                u = np.cos(a) * d + np.sin(a) * e
+                controls.append([q, q + 6 * u, q + 14 * u + self.rng.normal(0, 1.5, 3),
+                                 q + 24 * u + self.rng.normal(0, 3.0, 3)])
+                e = -e  # the trunk bends away from the side branch
+            if self.rng.uniform() < 0.5:  # which branch is the trunk
+                controls = controls[::-1]
+        for name, control, (r0, r1) in zip(names, controls, radii):
+            self.add(name, control, r0, r1, 0, parent)
+
     def point(self, name: str, fraction: float) -> tuple[np.ndarray, int]:
         pts = self.vessels[name]["points"]
         i = int(round(fraction * (len(pts) - 1)))
@@ -192,10 +223,9 @@ def _build_tree(rng: np.random.Generator, lm: dict[str, np.ndarray], radius: dic
         q = lm[n("M1_M2")]                                          # inferior M2 trunk
         tree.add(n("M2inf"), [q, q + o(6, -5, -3) + j(), q + o(10, -12, 0) + j(2), q + o(12, -20, 6) + j(2)],
                  radius[n("M2")] * rng.uniform(0.8, 1.0), 0.7, 0, n("M1"))
-        q = lm[n("M2_end")]
-        for k, (a, b) in enumerate([((3, 5, 8), (4, 8, 18)), ((5, -5, 6), (8, -12, 14))]):
-            tree.add(n(f"M3_{k}"), [q, q + o(*a) + j(), q + o(*b) + j(2)], rng.uniform(0.65, 0.85), 0.5, 0,
-                     n("M2"))
+        tree.fork(n("M2"), (n("M3_0"), n("M3_1")),
+                  [[o(3, 5, 8), o(4, 8, 18)], [o(5, -5, 6), o(8, -12, 14)]],
+                  [(rng.uniform(0.65, 0.85), 0.5), (rng.uniform(0.65, 0.85), 0.5)])
 
     for side, sx in _SIDES:                                         # anterior circulation
         n = functools.partial(_sided, side=side)
@@ -208,11 +238,9 @@ def _build_tree(rng: np.random.Generator, lm: dict[str, np.ndarray], radius: dic
         o = functools.partial(_side, sx)
         parent = n("A1") if kind[n("A1")] == "normal" else "ACoA"
         seg(n("A2"), n("A1_A2"), n("A2_end"), [mid(n("A1_A2"), n("A2_end"), (0, 1.5, -1), 0.7)], parent)
-        q = lm[n("A2_end")]
-        tree.add(n("peri"), [q, q + o(0.3, -4, 8) + j(), q + o(0.5, -14, 14) + j(2), q + o(0.5, -28, 16) + j(2)],
-                 rng.uniform(0.7, 0.9), 0.55, 0, n("A2"))
-        tree.add(n("callosomarg"), [q, q + o(1, 6, 8) + j(), q + o(1.5, 6, 20) + j(2)],
-                 rng.uniform(0.6, 0.8), 0.45, 0, n("A2"))
+        tree.fork(n("A2"), (n("peri"), n("callosomarg")),
+                  [[o(0.3, -4, 8), o(0.5, -14, 14), o(0.5, -28, 16)], [o(1, 6, 8), o(1.5, 6, 20)]],
+                  [(rng.uniform(0.7, 0.9), 0.55), (rng.uniform(0.6, 0.8), 0.45)])
 
     for side, sx in _SIDES:                                         # posterior circulation
         n = functools.partial(_sided, side=side)
@@ -228,11 +256,9 @@ def _build_tree(rng: np.random.Generator, lm: dict[str, np.ndarray], radius: dic
         seg(n("PCoA"), n("ICA_PCoA"), n("P1_P2"), [mid(n("ICA_PCoA"), n("P1_P2"), o(0.5, 0, -1))], n("ICA_C6"))
         parent = n("P1") if kind[n("P1")] == "normal" else n("PCoA")
         seg(n("P2"), n("P1_P2"), n("P2_end"), [lm[n("P1_P2")] + o(6, -6, -1) + j()], parent)
-        q = lm[n("P2_end")]
-        tree.add(n("P3a"), [q, q + o(2, -10, -3) + j(), q + o(4, -22, -4) + j(2)], rng.uniform(0.65, 0.85), 0.5,
-                 0, n("P2"))
-        tree.add(n("P3b"), [q, q + o(-3, -8, 6) + j(), q + o(-5, -18, 14) + j(2)], rng.uniform(0.6, 0.8), 0.45,
-                 0, n("P2"))
+        tree.fork(n("P2"), (n("P3a"), n("P3b")),
+                  [[o(2, -10, -3), o(4, -22, -4)], [o(-3, -8, 6), o(-5, -18, 14)]],
+                  [(rng.uniform(0.65, 0.85), 0.5), (rng.uniform(0.6, 0.8), 0.45)])
     return tree
 
 

@@ -103,6 +103,67 @@ def _apply(model, kind, params, images):
             "present_prob": jax.nn.sigmoid(out["segment_attr"])}
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
+def _refine_coords(model, params, patches, channels, centres, sigma_vox):
+    """Patches [B, X, Y, Z, 1] -> the refined voxel coordinates [B, 3] of landmark ``channels [B]``,
+    each patch's logits plus the log of a Gaussian prior (``sigma_vox [3]``) around its first
+    estimate ``centres [B, 3]`` (patch voxels)."""
+    heat = model.apply({"params": params}, patches)["heatmaps"]
+    logits = jnp.take_along_axis(heat, channels[:, None, None, None, None], axis=-1)
+    grid = jnp.stack(jnp.meshgrid(*[jnp.arange(n, dtype=jnp.float32) for n in heat.shape[1:4]],
+                                  indexing="ij"), axis=-1)                      # [X, Y, Z, 3]
+    z = (grid[None] - centres[:, None, None, None]) / sigma_vox
+    log_prior = -0.5 * jnp.sum(z * z, axis=-1, keepdims=True)
+    return decode.decode_heatmaps(logits + log_prior, kind="logits")[0][:, 0]
+
+
+class Refiner:
+    """The refinement stage (``config.refine``): each landmark re-detected in a patch at a finer
+    spacing centred on its first estimate.
+
+    The image is preprocessed onto the refinement grid; patch k's heatmap k (spatial-softmax
+    logits) plus a Gaussian log-prior of ``prior_sigma_mm`` around the first estimate is decoded
+    (argmax and quadratic refinement). The prior keeps the small patch network from jumping to a
+    similar bifurcation nearby, such as the other side's A2 end or a further M2/P2 branching.
+    config: the refinement stage's own config (``config_defaults.refine_config``).
+    """
+
+    def __init__(self, config, params, prior_sigma_mm: float | None = None):
+        self.config = config
+        self.window = np.array(config.data.crop_shape)
+        self.model = unet.build_model(config)
+        self.mesh = devices.data_mesh(devices.window_batch(), local=True)
+        self.params = jax.device_put(params, devices.replicated(self.mesh))
+        sigma = config.refine.prior_sigma_mm if prior_sigma_mm is None else prior_sigma_mm
+        self.sigma_vox = np.float32(sigma) / np.asarray(config.data.spacing, np.float32)
+
+    def refine(self, image, affine, landmarks) -> np.ndarray:
+        """image [X, Y, Z], affine [4, 4], first estimates [19, 3] world RAS mm -> refined [19, 3]."""
+        case = io.Case("refine", np.asarray(image, np.float32), np.asarray(affine, np.float64),
+                       np.full((anatomy.NUM_LANDMARKS, 3), np.nan))
+        prep = preprocess.preprocess_case(case, self.config, fov=False)
+        volume, grid_affine = prep["image"], prep["affine"]
+        centres = preprocess.world_to_voxel(landmarks, grid_affine)
+        starts = np.round(centres - (self.window - 1) / 2).astype(int)
+        lo = np.maximum(0, -starts.min(axis=0))
+        hi = np.maximum(0, starts.max(axis=0) + self.window - volume.shape)
+        padded = np.pad(volume, list(zip(lo, hi)))
+        n = anatomy.NUM_LANDMARKS
+        batch = -(-n // self.mesh.size) * self.mesh.size   # a multiple of the devices
+        patches = np.zeros((batch, *self.window, 1), np.float32)
+        for k, st in enumerate(starts + lo):
+            patches[k, ..., 0] = padded[tuple(slice(a, a + w) for a, w in zip(st, self.window))]
+        channels = np.arange(batch) % n
+        prior = np.zeros((batch, 3), np.float32)
+        prior[:n] = centres - starts
+        split = devices.split(self.mesh)
+        coords = _refine_coords(self.model, self.params, jax.device_put(patches, split),
+                                jax.device_put(channels, split), jax.device_put(prior, split),
+                                self.sigma_vox)
+        coords = np.asarray(coords, np.float64)[:n] + starts
+        return preprocess.voxel_to_world(coords, grid_affine)
+
+
 class Predictor:
     """A trained (or freshly initialised) network turned into ``predict(image, affine)``.
 
@@ -112,12 +173,15 @@ class Predictor:
       window); the region covered is the window plus this margin on each side. Default: the
       training's random crop translation. 0: the central window only.
     flip: also predict on the left-right mirror image and average (test-time augmentation).
+    refiner: a ``Refiner`` that moves each landmark found to its refined position, or None.
     """
 
     def __init__(self, config, params, batch_size: int | None = None,
-                 margin_mm: float | None = None, flip: bool = True):
+                 margin_mm: float | None = None, flip: bool = True,
+                 refiner: Refiner | None = None):
         self.config = config
         self.flip = flip
+        self.refiner = refiner
         self.batch_size = batch_size or devices.window_batch()
         self.mesh = devices.data_mesh(self.batch_size, local=True)
         self.params = jax.device_put(params, devices.replicated(self.mesh))
@@ -134,11 +198,16 @@ class Predictor:
         self._forward = functools.partial(_apply, self.model, self.kind)
 
     @classmethod
-    def from_workdir(cls, workdir, **kwargs) -> "Predictor":
-        """The run's best checkpoint (``checkpoint.load_for_inference``); CowjaxError if none."""
+    def from_workdir(cls, workdir, refine: bool = True, **kwargs) -> "Predictor":
+        """The run's best checkpoint (``checkpoint.load_for_inference``); CowjaxError if none. With
+        ``refine``, the refinement stage's too where the run has one (``<workdir>/refine``)."""
         from cowjax.training import checkpoint
+        from cowjax.training.train import REFINE_DIR
         config, params = checkpoint.load_for_inference(workdir)
-        return cls(config, params, **kwargs)
+        refiner = None
+        if refine and checkpoint.has_checkpoint(Path(workdir) / REFINE_DIR):
+            refiner = Refiner(*checkpoint.load_for_inference(Path(workdir) / REFINE_DIR))
+        return cls(config, params, refiner=refiner, **kwargs)
 
     def _window_outputs(self, volume, starts, keys):
         """Yield (window index, {key: output}) for each window start [3] of ``volume`` (zero
@@ -243,6 +312,8 @@ class Predictor:
         heatmaps = np.where(inside[..., None], heatmaps, heatmaps.min())
         coords, confidence = decode.decode_heatmaps(heatmaps[None], stride=s, kind=self.kind)
         landmarks = preprocess.voxel_to_world(np.asarray(coords[0], np.float64) + origin, grid_affine)
+        if self.refiner is not None:
+            landmarks = self.refiner.refine(image, affine, landmarks)
 
         labels = None
         if seg is not None:

@@ -130,6 +130,15 @@ class Checkpoints:
         self.best.close()
 
 
+def has_checkpoint(workdir) -> bool:
+    """Whether the run has a best or latest checkpoint to load."""
+    for name in (BEST, LATEST):
+        directory = Path(workdir) / name
+        if directory.is_dir() and _manager(directory, None, read_only=True).latest_step() is not None:
+            return True
+    return False
+
+
 def load_for_inference(workdir):
     """(config, params) of a run: the best checkpoint, else the latest.
 

@@ -8,7 +8,8 @@ and hold the data iterator's position, so a run killed at any moment and started
 same command continues where the last checkpoint was and ends with the same numbers.
 
 Workdir: ``config.json`` (the resolved config and seed), ``metrics.jsonl`` (train metrics every
-``log_every_steps``, validation every ``eval_every_steps``), ``checkpoints/``, ``best/``.
+``log_every_steps``, validation every ``eval_every_steps``), ``checkpoints/``, ``best/``, and the same
+for the refinement stage (``config.refine``) under ``refine/``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from cowjax import devices, losses
 from cowjax.errors import CowjaxError, atomic_output
 from cowjax.training import checkpoint as ckpt
 from cowjax.training import state as state_lib
+
+REFINE_DIR = "refine"  # the refinement stage's run, inside the first stage's workdir
 
 
 def make_train_step(model, config, tx):
@@ -183,11 +186,12 @@ def save_config(config, workdir: Path) -> None:
             tmp.write_text(json.dumps(ckpt.config_to_dict(config), indent=2) + "\n")
 
 
-def run_training(config, workdir, model, train_iter, val_examples) -> dict:
+def run_training(config, workdir, model, train_iter, val_examples, desc: str = "train") -> dict:
     """Train ``model`` on batches from ``train_iter``, resuming from the workdir's checkpoint.
 
     train_iter: an iterator of batch dicts (this process's share) with get_state()/set_state().
     val_examples: a re-iterable of validation examples (see ``validation_mre``).
+    desc: the progress bar's label.
     Returns the last train metrics and validation MRE as a dict of floats.
     """
     workdir = Path(workdir)
@@ -217,7 +221,7 @@ def run_training(config, workdir, model, train_iter, val_examples) -> dict:
     summary = {}
     batches = _prefetched(train_iter, mesh)
     _, batch = next(batches) if start < config.num_train_steps else (None, None)
-    bar = tqdm(total=config.num_train_steps, initial=start, desc="train", unit="step",
+    bar = tqdm(total=config.num_train_steps, initial=start, desc=desc, unit="step",
                disable=jax.process_index() != 0, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
@@ -269,17 +273,29 @@ def run_training(config, workdir, model, train_iter, val_examples) -> dict:
 
 
 def train_and_evaluate(config, workdir) -> dict:
-    """Prepare the data, build the model, train (resuming if the workdir has a checkpoint)."""
-    from cowjax.data import pipeline
-    from cowjax.model import unet
+    """Prepare the data, build the model, train (resuming if the workdir has a checkpoint); then,
+    with ``config.refine.num_train_steps``, the refinement stage in ``<workdir>/refine`` on the same
+    split. Returns the first stage's summary, with the refinement's under "refine"."""
+    from cowjax.config_defaults import refine_config
     if config.train.distributed:
         jax.distributed.initialize()
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    save_config(config, workdir)
+    summary = _train_stage(config, workdir, workdir, "train")
+    if config.refine.num_train_steps > 0:
+        summary["refine"] = _train_stage(refine_config(config), workdir / REFINE_DIR, workdir,
+                                         "refine")
+    return summary
+
+
+def _train_stage(config, stage_dir: Path, workdir: Path, desc: str) -> dict:
+    from cowjax.data import pipeline
+    from cowjax.model import unet
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, stage_dir)
     splits = pipeline.prepare_data(config, workdir)
     # Preprocessed cases are keyed by case path and spacing, so runs side by side share the cache.
     cache_dir = workdir.resolve().parent / "cache"
     train_iter = pipeline.train_loader(config, splits["train"], cache_dir)
     val_examples = pipeline.eval_examples(config, splits["val"], cache_dir)
-    return run_training(config, workdir, unet.build_model(config), train_iter, val_examples)
+    return run_training(config, stage_dir, unet.build_model(config), train_iter, val_examples,
+                        desc)
