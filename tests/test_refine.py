@@ -27,6 +27,8 @@ def test_refine_config_is_the_patch_stage():
     assert c.data.crop_centre == "circle" and c.model.widths != r.model.widths  # c is untouched
     # The first stage's data and augmentation otherwise.
     assert r.data.num_cases == c.data.num_cases and r.data.augment.rotate_deg == c.data.augment.rotate_deg
+    # The demo trains both stages; its ablations (":full" included) the first network alone.
+    assert c.refine.num_train_steps > 0 and demo.get_config("full").refine.num_train_steps == 0
 
 
 def test_training_patches_are_centred_near_one_landmark(dataset, tmp_path):  # noqa: F811
@@ -112,3 +114,11 @@ def test_refined_landmarks_stay_in_their_patch_and_in_world_coordinates(two_stag
     flip[:2, 3] = np.array(case.image.shape[:2]) - 1
     c = refined.predict(case.image[::-1, ::-1], case.affine @ flip)
     np.testing.assert_allclose(c.landmarks, a.landmarks, atol=1e-3)
+
+
+def test_eval_of_a_two_stage_run_says_it_refined(two_stage_run):
+    from cowjax.inference import evaluate
+    workdir, _ = two_stage_run
+    report = evaluate.run_eval([workdir])[str(workdir)]
+    assert "refinement stage: 16x16x16 patches at 1.5x1.5x1.5 mm" in report["decode"]
+    assert np.isfinite(report["groups"]["all"]["mre_mm"])

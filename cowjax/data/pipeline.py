@@ -26,7 +26,7 @@ from cowjax.data import augment, io, preprocess
 from cowjax.errors import CowjaxError, atomic_output
 
 _CACHE_VERSION = 1  # bump when preprocessing changes what it writes
-_SYNTHETIC_VERSION = 3  # bump when the generator's cases change: they go to a new folder
+_SYNTHETIC_VERSION = 2  # bump when the generator's cases change: they go to a new folder
 _SPLITS = ("train", "val", "test")
 _CROP_CENTRES = ("circle", "landmark")
 

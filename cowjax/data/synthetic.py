@@ -81,7 +81,7 @@ def _sample_landmarks(rng: np.random.Generator) -> dict[str, np.ndarray]:
     scale = rng.uniform(0.9, 1.1) * rng.uniform(0.96, 1.04, size=3)
     pts = {}
     for name, p in anatomy.TEMPLATE.items():
-        sd = 3.0 if name == anatomy.VBJ else 2.5
+        sd = 3.0 if name == anatomy.VBJ else 1.8
         pts[name] = (p + np.clip(rng.normal(0.0, sd, 3), -2.5 * sd, 2.5 * sd)) * scale
     # Paired midline points keep their left-right order (a short ACoA, parallel A2s).
     for name, half in (("A1_A2", rng.uniform(0.8, 2.5)), ("A2_end", rng.uniform(1.0, 3.5))):

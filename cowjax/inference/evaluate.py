@@ -176,6 +176,16 @@ def _mip_figure(path, case: io.Case, record: dict) -> Path:
                                  f"{case.case_id}: MRE {float(mre):.2f} mm")
 
 
+def _decode_description(predictor: Predictor) -> str:
+    text = f"{predictor.kind} heatmaps, {decode.DEFAULT_METHOD} sub-voxel fit"
+    if predictor.refiner is not None:
+        r = predictor.refiner
+        text += (f"; refinement stage: {'x'.join(map(str, r.config.data.crop_shape))} patches at "
+                 f"{'x'.join(f'{s:g}' for s in r.config.data.spacing)} mm, prior sigma "
+                 f"{r.prior_sigma_mm:g} mm")
+    return text
+
+
 def _json_default(v):
     if isinstance(v, (np.floating, np.integer, np.bool_)):
         return v.item()
@@ -206,7 +216,7 @@ def evaluate_run(workdir, data_dir=None) -> tuple[dict, dict, Path]:
     report = {"run": str(workdir), "data": name, "cases": [r["case_id"] for r in records],
               "cases_without_ground_truth": [Path(d).name for d in case_dirs if d not in scored],
               "heatmap_loss": predictor.config.loss.heatmap,
-              "decode": f"{predictor.kind} heatmaps, {decode.DEFAULT_METHOD} refinement",
+              "decode": _decode_description(predictor),
               "groups": {g: summarize(_group(records, g)) for g in GROUPS},
               "per_case_mre_mm": {r["case_id"]: _nan_to_none(metrics.mre(r["errors_mm"]))
                                   for r in records},

@@ -134,8 +134,10 @@ class Refiner:
         self.model = unet.build_model(config)
         self.mesh = devices.data_mesh(devices.window_batch(), local=True)
         self.params = jax.device_put(params, devices.replicated(self.mesh))
-        sigma = config.refine.prior_sigma_mm if prior_sigma_mm is None else prior_sigma_mm
-        self.sigma_vox = np.float32(sigma) / np.asarray(config.data.spacing, np.float32)
+        self.prior_sigma_mm = float(config.refine.prior_sigma_mm if prior_sigma_mm is None
+                                    else prior_sigma_mm)
+        self.sigma_vox = np.float32(self.prior_sigma_mm) / np.asarray(config.data.spacing,
+                                                                      np.float32)
 
     def refine(self, image, affine, landmarks) -> np.ndarray:
         """image [X, Y, Z], affine [4, 4], first estimates [19, 3] world RAS mm -> refined [19, 3]."""
