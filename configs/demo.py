@@ -17,7 +17,8 @@ Two stages, both trained by the one command:
 - the refinement stage (``config.refine``, in ``runs/demo/refine``): 24^3 patches at 1 mm around one
   landmark each (offset up to 6 mm per axis), widths (8, 16, 32), heatmaps at full resolution,
   heatmap loss only, 2500 steps of batch 4; at inference each landmark is re-detected in its patch
-  under a 3 mm Gaussian prior around the first estimate.
+  under a 3 mm Gaussian prior around the first estimate, and in six patches shifted 2.5 mm along
+  the axes (prior shifted with them), the seven positions averaged.
 Both: Adam at lr 1e-3 with a short warmup and cosine decay, translation/rotation/scale/intensity/
 noise/flip augmentation, 60 synthetic cases (42 train, 6 validation, 12 test).
 Measured 2026-11-24 on the 2-core dev CPU (one JAX device per core): about 0.24 s per first-stage
@@ -63,6 +64,7 @@ def get_config(arg: str = ""):
     r.widths = (8, 16, 32)
     r.translate_mm = 6.0
     r.prior_sigma_mm = 3.0
+    r.tta_shift_mm = 2.5
 
     o = c.optim
     o.learning_rate = 1e-3

@@ -65,7 +65,9 @@ def default_config() -> ml_collections.ConfigDict:
     # The refinement stage (0 steps: none). A second, small network trained on patches at a finer
     # spacing, each centred on one landmark moved by up to translate_mm; at inference every
     # landmark the first network found is re-detected in a patch centred on it, the refined
-    # heatmap's logits weighted by a Gaussian prior (prior_sigma_mm) around the first estimate.
+    # heatmap's logits weighted by a Gaussian prior (prior_sigma_mm) around the first estimate;
+    # with tta_shift_mm also in six patches shifted along the axes (prior shifted with them), and
+    # the seven positions averaged.
     # Trained after the first network, in <workdir>/refine, with its optimizer settings.
     c.refine = r = ml_collections.ConfigDict()
     r.num_train_steps = 0
@@ -76,6 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
     r.heatmap_sigma_mm = 2.0
     r.translate_mm = 6.0                  # the patch centre's random offset from its landmark (per axis)
     r.prior_sigma_mm = 3.0
+    r.tta_shift_mm = 2.5                  # also patches shifted by this along each axis, averaged (0: off)
 
     c.train = t = ml_collections.ConfigDict()
     t.nonfinite = "stop"                  # "stop": halt naming the step; "skip": skip the update, count it

@@ -98,8 +98,7 @@ def test_two_stage_training_writes_both_runs(two_stage_run):
 
 def test_refined_landmarks_stay_in_their_patch_and_in_world_coordinates(two_stage_run, tmp_path):
     workdir, _ = two_stage_run
-    case = io.load_case(io.list_cases(workdir.parent / "data" / next(
-        p.name for p in (workdir.parent / "data").iterdir()))[0])
+    case = io.load_case(io.list_cases(next((workdir.parent / "data").iterdir()))[0])
     refined = predict.Predictor.from_workdir(workdir)
     first = predict.Predictor.from_workdir(workdir, refine=False)
     assert refined.refiner is not None and first.refiner is None
@@ -122,3 +121,18 @@ def test_eval_of_a_two_stage_run_says_it_refined(two_stage_run):
     report = evaluate.run_eval([workdir])[str(workdir)]
     assert "refinement stage: 16x16x16 patches at 1.5x1.5x1.5 mm" in report["decode"]
     assert np.isfinite(report["groups"]["all"]["mre_mm"])
+
+
+def test_shifted_patches_average_the_single_refinements(two_stage_run):
+    # One batched call over the seven positions equals refining at each shift and averaging.
+    from cowjax.training import checkpoint
+    workdir, _ = two_stage_run
+    config, params = checkpoint.load_for_inference(workdir / "refine")
+    case = io.load_case(io.list_cases(next((workdir.parent / "data").iterdir()))[0])
+    first = predict.Predictor.from_workdir(workdir, refine=False).predict(case.image, case.affine)
+    tta = predict.Refiner(config, params, tta_shift_mm=2.0)
+    single = predict.Refiner(config, params, tta_shift_mm=0.0)
+    assert len(tta.shifts_mm) == 7 and len(single.shifts_mm) == 1
+    got = tta.refine(case.image, case.affine, first.landmarks)
+    each = [single.refine(case.image, case.affine, first.landmarks + d) for d in tta.shifts_mm]
+    np.testing.assert_allclose(got, np.mean(each, axis=0), atol=1e-3)

@@ -125,10 +125,14 @@ class Refiner:
     logits) plus a Gaussian log-prior of ``prior_sigma_mm`` around the first estimate is decoded
     (argmax and quadratic refinement). The prior keeps the small patch network from jumping to a
     similar bifurcation nearby, such as the other side's A2 end or a further M2/P2 branching.
-    config: the refinement stage's own config (``config_defaults.refine_config``).
+    With ``tta_shift_mm`` (test-time augmentation) the same is done with the estimate moved by
+    +-shift along each axis, patch and prior together, and the seven results are averaged.
+    config: the refinement stage's own config (``config_defaults.refine_config``); the two
+    keywords default to its ``refine`` group.
     """
 
-    def __init__(self, config, params, prior_sigma_mm: float | None = None):
+    def __init__(self, config, params, prior_sigma_mm: float | None = None,
+                 tta_shift_mm: float | None = None):
         self.config = config
         self.window = np.array(config.data.crop_shape)
         self.model = unet.build_model(config)
@@ -138,6 +142,10 @@ class Refiner:
                                     else prior_sigma_mm)
         self.sigma_vox = np.float32(self.prior_sigma_mm) / np.asarray(config.data.spacing,
                                                                       np.float32)
+        shift = config.refine.get("tta_shift_mm", 0.0) if tta_shift_mm is None else tta_shift_mm
+        self.shifts_mm = np.zeros((1, 3))
+        if shift:
+            self.shifts_mm = np.concatenate([self.shifts_mm, shift * np.eye(3), -shift * np.eye(3)])
 
     def refine(self, image, affine, landmarks) -> np.ndarray:
         """image [X, Y, Z], affine [4, 4], first estimates [19, 3] world RAS mm -> refined [19, 3]."""
@@ -145,25 +153,28 @@ class Refiner:
                        np.full((anatomy.NUM_LANDMARKS, 3), np.nan))
         prep = preprocess.preprocess_case(case, self.config, fov=False)
         volume, grid_affine = prep["image"], prep["affine"]
-        centres = preprocess.world_to_voxel(landmarks, grid_affine)
+        n, m = anatomy.NUM_LANDMARKS, len(self.shifts_mm)
+        # [m * n, 3]: every landmark at every shift (shift-major), in grid voxels.
+        shifts_vox = self.shifts_mm / np.asarray(self.config.data.spacing, np.float64)
+        centres = (preprocess.world_to_voxel(landmarks, grid_affine)[None]
+                   + shifts_vox[:, None]).reshape(m * n, 3)
         starts = np.round(centres - (self.window - 1) / 2).astype(int)
         lo = np.maximum(0, -starts.min(axis=0))
         hi = np.maximum(0, starts.max(axis=0) + self.window - volume.shape)
         padded = np.pad(volume, list(zip(lo, hi)))
-        n = anatomy.NUM_LANDMARKS
-        batch = -(-n // self.mesh.size) * self.mesh.size   # a multiple of the devices
+        batch = -(-(m * n) // self.mesh.size) * self.mesh.size   # a multiple of the devices
         patches = np.zeros((batch, *self.window, 1), np.float32)
-        for k, st in enumerate(starts + lo):
-            patches[k, ..., 0] = padded[tuple(slice(a, a + w) for a, w in zip(st, self.window))]
+        for i, st in enumerate(starts + lo):
+            patches[i, ..., 0] = padded[tuple(slice(a, a + w) for a, w in zip(st, self.window))]
         channels = np.arange(batch) % n
         prior = np.zeros((batch, 3), np.float32)
-        prior[:n] = centres - starts
+        prior[:m * n] = centres - starts
         split = devices.split(self.mesh)
         coords = _refine_coords(self.model, self.params, jax.device_put(patches, split),
                                 jax.device_put(channels, split), jax.device_put(prior, split),
                                 self.sigma_vox)
-        coords = np.asarray(coords, np.float64)[:n] + starts
-        return preprocess.voxel_to_world(coords, grid_affine)
+        coords = np.asarray(coords, np.float64)[:m * n] + starts
+        return preprocess.voxel_to_world(coords.reshape(m, n, 3).mean(axis=0), grid_affine)
 
 
 class Predictor:
