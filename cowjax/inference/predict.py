@@ -153,28 +153,28 @@ class Refiner:
                        np.full((anatomy.NUM_LANDMARKS, 3), np.nan))
         prep = preprocess.preprocess_case(case, self.config, fov=False)
         volume, grid_affine = prep["image"], prep["affine"]
-        n, m = anatomy.NUM_LANDMARKS, len(self.shifts_mm)
-        # [m * n, 3]: every landmark at every shift (shift-major), in grid voxels.
+        n = anatomy.NUM_LANDMARKS
         shifts_vox = self.shifts_mm / np.asarray(self.config.data.spacing, np.float64)
-        centres = (preprocess.world_to_voxel(landmarks, grid_affine)[None]
-                   + shifts_vox[:, None]).reshape(m * n, 3)
+        # [shifts, 19, 3] patch centres and starts on the grid; the volume padded for all of them.
+        centres = preprocess.world_to_voxel(landmarks, grid_affine)[None] + shifts_vox[:, None]
         starts = np.round(centres - (self.window - 1) / 2).astype(int)
-        lo = np.maximum(0, -starts.min(axis=0))
-        hi = np.maximum(0, starts.max(axis=0) + self.window - volume.shape)
+        lo = np.maximum(0, -starts.min(axis=(0, 1)))
+        hi = np.maximum(0, starts.max(axis=(0, 1)) + self.window - volume.shape)
         padded = np.pad(volume, list(zip(lo, hi)))
-        batch = -(-(m * n) // self.mesh.size) * self.mesh.size   # a multiple of the devices
-        patches = np.zeros((batch, *self.window, 1), np.float32)
-        for i, st in enumerate(starts + lo):
-            patches[i, ..., 0] = padded[tuple(slice(a, a + w) for a, w in zip(st, self.window))]
-        channels = np.arange(batch) % n
-        prior = np.zeros((batch, 3), np.float32)
-        prior[:m * n] = centres - starts
+        batch = -(-n // self.mesh.size) * self.mesh.size   # a multiple of the devices
         split = devices.split(self.mesh)
-        coords = _refine_coords(self.model, self.params, jax.device_put(patches, split),
-                                jax.device_put(channels, split), jax.device_put(prior, split),
-                                self.sigma_vox)
-        coords = np.asarray(coords, np.float64)[:m * n] + starts
-        return preprocess.voxel_to_world(coords.reshape(m, n, 3).mean(axis=0), grid_affine)
+        channels = jax.device_put(np.arange(batch) % n, split)
+        coords = np.zeros(centres.shape)
+        for j in range(len(centres)):  # one call per shift: 19 patches, memory stays small
+            patches = np.zeros((batch, *self.window, 1), np.float32)
+            for k, st in enumerate(starts[j] + lo):
+                patches[k, ..., 0] = padded[tuple(slice(a, a + w) for a, w in zip(st, self.window))]
+            prior = np.zeros((batch, 3), np.float32)
+            prior[:n] = centres[j] - starts[j]
+            c = _refine_coords(self.model, self.params, jax.device_put(patches, split), channels,
+                               jax.device_put(prior, split), self.sigma_vox)
+            coords[j] = np.asarray(c, np.float64)[:n] + starts[j]
+        return preprocess.voxel_to_world(coords.mean(axis=0), grid_affine)
 
 
 class Predictor:
