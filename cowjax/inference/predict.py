@@ -7,7 +7,9 @@ detections). The network sees ``config.data.crop_shape`` windows: the one centre
 (by default the training's random translation, ``config.data.augment.translate_mm``, so every window
 is placed as some training crop was). Their outputs are blended with Gaussian weights (highest at
 each window's centre) before decoding, and the decoded voxel coordinates go back to the image's world
-exactly through the grid affine. The attribute heads are read from the central window.
+exactly through the grid affine. The attribute heads are read from the central window. A run with
+a refinement stage (``<workdir>/refine``) then moves each landmark to its re-detection in a finer
+patch around it (``Refiner``).
 """
 
 from __future__ import annotations
