@@ -105,6 +105,18 @@ def _apply(model, kind, params, images):
             "present_prob": jax.nn.sigmoid(out["segment_attr"])}
 
 
+def _cut_windows(volume, starts, window) -> np.ndarray:
+    """Windows of ``volume`` [X, Y, Z] at ``starts`` [N, 3] (zero outside) -> [N, *window, 1]."""
+    window = tuple(int(w) for w in window)
+    lo = np.maximum(0, -starts.min(axis=0))
+    hi = np.maximum(0, starts.max(axis=0) + window - np.array(volume.shape))
+    padded = np.pad(volume, list(zip(lo, hi)))
+    out = np.zeros((len(starts), *window, 1), np.float32)
+    for i, st in enumerate(starts + lo):
+        out[i, ..., 0] = padded[tuple(slice(a, a + w) for a, w in zip(st, window))]
+    return out
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _refine_coords(model, params, patches, channels, centres, sigma_vox):
     """Patches [B, X, Y, Z, 1] -> the refined voxel coordinates [B, 3] of landmark ``channels [B]``,
@@ -157,20 +169,18 @@ class Refiner:
         volume, grid_affine = prep["image"], prep["affine"]
         n = anatomy.NUM_LANDMARKS
         shifts_vox = self.shifts_mm / np.asarray(self.config.data.spacing, np.float64)
-        # [shifts, 19, 3] patch centres and starts on the grid; the volume padded for all of them.
+        # [shifts, 19, 3] patch centres and starts on the grid.
         centres = preprocess.world_to_voxel(landmarks, grid_affine)[None] + shifts_vox[:, None]
         starts = np.round(centres - (self.window - 1) / 2).astype(int)
-        lo = np.maximum(0, -starts.min(axis=(0, 1)))
-        hi = np.maximum(0, starts.max(axis=(0, 1)) + self.window - volume.shape)
-        padded = np.pad(volume, list(zip(lo, hi)))
+        cut = _cut_windows(volume, starts.reshape(-1, 3), self.window).reshape(
+            *starts.shape[:2], *self.window, 1)
         batch = -(-n // self.mesh.size) * self.mesh.size   # a multiple of the devices
         split = devices.split(self.mesh)
         channels = jax.device_put(np.arange(batch) % n, split)
         coords = np.zeros(centres.shape)
         for j in range(len(centres)):  # one call per shift: 19 patches, memory stays small
             patches = np.zeros((batch, *self.window, 1), np.float32)
-            for k, st in enumerate(starts[j] + lo):
-                patches[k, ..., 0] = padded[tuple(slice(a, a + w) for a, w in zip(st, self.window))]
+            patches[:n] = cut[j]
             prior = np.zeros((batch, 3), np.float32)
             prior[:n] = centres[j] - starts[j]
             c = _refine_coords(self.model, self.params, jax.device_put(patches, split), channels,
@@ -217,24 +227,21 @@ class Predictor:
         """The run's best checkpoint (``checkpoint.load_for_inference``); CowjaxError if none. With
         ``refine``, the refinement stage's too where the run has one (``<workdir>/refine``)."""
         from cowjax.training import checkpoint
-        from cowjax.training.train import REFINE_DIR
         config, params = checkpoint.load_for_inference(workdir)
         refiner = None
-        if refine and checkpoint.has_checkpoint(Path(workdir) / REFINE_DIR):
-            refiner = Refiner(*checkpoint.load_for_inference(Path(workdir) / REFINE_DIR))
+        refine_dir = Path(workdir) / checkpoint.REFINE_DIR
+        if refine and checkpoint.has_checkpoint(refine_dir):
+            refiner = Refiner(*checkpoint.load_for_inference(refine_dir))
         return cls(config, params, refiner=refiner, **kwargs)
 
     def _window_outputs(self, volume, starts, keys):
         """Yield (window index, {key: output}) for each window start [3] of ``volume`` (zero
         outside). Batches have a fixed size (the last one zero-padded): one compiled shape."""
-        lo = np.maximum(0, -starts.min(axis=0))
-        hi = np.maximum(0, starts.max(axis=0) + self.window - volume.shape)
-        padded = np.pad(volume, list(zip(lo, hi)))
+        cut = _cut_windows(volume, starts, self.window)
         for i in range(0, len(starts), self.batch_size):
-            chunk = starts[i:i + self.batch_size] + lo
+            chunk = cut[i:i + self.batch_size]
             crops = np.zeros((self.batch_size,) + self.window + (1,), np.float32)
-            for j, st in enumerate(chunk):
-                crops[j, ..., 0] = padded[tuple(slice(s, s + n) for s, n in zip(st, self.window))]
+            crops[:len(chunk)] = chunk
             out = self._forward(self.params, jax.device_put(crops, devices.split(self.mesh)))
             out = jax.device_get({k: out[k] for k in keys})
             for j in range(len(chunk)):

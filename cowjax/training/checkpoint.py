@@ -22,6 +22,7 @@ from cowjax import anatomy
 from cowjax.errors import CowjaxError
 
 LATEST, BEST = "checkpoints", "best"
+REFINE_DIR = "refine"  # the refinement stage's run, inside the first stage's workdir
 BEST_METRIC = "val_mre_mm"
 
 
@@ -130,13 +131,22 @@ class Checkpoints:
         self.best.close()
 
 
-def has_checkpoint(workdir) -> bool:
-    """Whether the run has a best or latest checkpoint to load."""
+def _inference_checkpoint(workdir):
+    """(directory, manager, step) of the run's best checkpoint, else its latest; None if neither."""
     for name in (BEST, LATEST):
         directory = Path(workdir) / name
-        if directory.is_dir() and _manager(directory, None, read_only=True).latest_step() is not None:
-            return True
-    return False
+        if not directory.is_dir():
+            continue
+        mgr = _manager(directory, None, read_only=True)
+        step = mgr.latest_step()
+        if step is not None:
+            return directory, mgr, step
+    return None
+
+
+def has_checkpoint(workdir) -> bool:
+    """Whether the run has a best or latest checkpoint to load."""
+    return _inference_checkpoint(workdir) is not None
 
 
 def load_for_inference(workdir):
@@ -147,21 +157,15 @@ def load_for_inference(workdir):
     """
     from cowjax.model import unet
     from cowjax.training import state as state_lib
-    workdir = Path(workdir)
-    for name in (BEST, LATEST):
-        directory = workdir / name
-        if not directory.is_dir():
-            continue
-        mgr = _manager(directory, None, read_only=True)
-        step = mgr.latest_step()
-        if step is None:
-            continue
-        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        config = config_from_dict(meta["config"])
-        model = unet.build_model(config)
-        abstract = jax.eval_shape(lambda: state_lib.init_params(model, config))
-        check_compatible(directory, step, meta, mgr.item_metadata(step)["params"], abstract)
-        params = mgr.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract)))["params"]
-        return config, params
-    raise CowjaxError(f"{workdir}: no checkpoint found (train a run there first)")
+    found = _inference_checkpoint(workdir)
+    if found is None:
+        raise CowjaxError(f"{workdir}: no checkpoint found (train a run there first)")
+    directory, mgr, step = found
+    meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    config = config_from_dict(meta["config"])
+    model = unet.build_model(config)
+    abstract = jax.eval_shape(lambda: state_lib.init_params(model, config))
+    check_compatible(directory, step, meta, mgr.item_metadata(step)["params"], abstract)
+    params = mgr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract)))["params"]
+    return config, params

@@ -32,8 +32,6 @@ from cowjax.errors import CowjaxError, atomic_output
 from cowjax.training import checkpoint as ckpt
 from cowjax.training import state as state_lib
 
-REFINE_DIR = "refine"  # the refinement stage's run, inside the first stage's workdir
-
 
 def make_train_step(model, config, tx):
     """The pure train step ``(state, batch) -> (state, metrics)``.
@@ -282,7 +280,7 @@ def train_and_evaluate(config, workdir) -> dict:
     workdir = Path(workdir)
     summary = _train_stage(config, workdir, workdir, "train")
     if config.refine.num_train_steps > 0:
-        summary["refine"] = _train_stage(refine_config(config), workdir / REFINE_DIR, workdir,
+        summary["refine"] = _train_stage(refine_config(config), workdir / ckpt.REFINE_DIR, workdir,
                                          "refine")
     return summary
 
