@@ -34,6 +34,9 @@ def default_config() -> ml_collections.ConfigDict:
     a.translate_mm = 10.0                 # random translation of the crop (the paper's augmentation)
     a.rotate_deg = 0.0
     a.scale = 0.0                         # +- relative
+    a.elastic_mm = 0.0                    # smooth random deformation: displacement sd per axis (0: off;
+                                          # 2 mm measured worse in the demo, BENCHMARKS.md)
+    a.elastic_spacing_mm = 24.0           # ... drawn at control points this far apart
     a.intensity = 0.0                     # gamma / contrast jitter strength
     a.noise = 0.0                         # additive Gaussian noise std (normalised units)
     a.flip = False                        # left-right flip with channel mirroring

@@ -153,6 +153,7 @@ def test_augmentation_is_deterministic_and_moves_landmarks_with_the_image():
     rng = np.random.default_rng(5)
     pre, _ = _example(rng)
     aug = ml_collections.ConfigDict({"translate_mm": 3.0, "rotate_deg": 15.0, "scale": 0.1,
+                                     "elastic_mm": 0.0, "elastic_spacing_mm": 24.0,
                                      "intensity": 0.0, "noise": 0.0, "flip": True})
     a = augment.augment_example(pre, np.random.default_rng(7), (16, 16, 12), (1.0, 1.0, 1.0), aug)
     b = augment.augment_example(pre, np.random.default_rng(7), (16, 16, 12), (1.0, 1.0, 1.0), aug)
@@ -169,3 +170,37 @@ def test_augmentation_is_deterministic_and_moves_landmarks_with_the_image():
         k = 0  # BA_top is its own mirror
         peak = np.array(np.unravel_index(np.argmax(ex["image"][..., 0]), (16, 16, 12)))
         assert np.all(np.abs(peak - ex["landmarks"][k]) <= 1.0)
+
+
+def test_elastic_deformation_moves_landmarks_with_the_vessels():
+    """Three bright blobs at three landmarks: after an elastic warp (plus rotation and scale)
+    each blob's centre of mass is where the example says its landmark is, and the blobs no longer
+    keep their relative positions (the warp is not affine)."""
+    shape = crop = (40, 36, 32)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    points = np.array([[13.0, 12.0, 12.0], [27.0, 14.0, 19.0], [20.0, 24.0, 15.0]])
+    channels = [anatomy.LANDMARK_INDEX[n] for n in ("ICA_term_R", "ICA_term_L", "BA_top")]
+    landmarks = np.full((anatomy.NUM_LANDMARKS, 3), 20.0)
+    landmarks[channels] = points
+    image = sum(np.exp(-((grid - p) ** 2).sum(-1) / (2 * 0.9 ** 2)) for p in points)
+    pre = {**_example(np.random.default_rng(0))[0], "image": image.astype(np.float32),
+           "landmarks": landmarks, "segments": None}
+    aug = ml_collections.ConfigDict({"translate_mm": 2.0, "rotate_deg": 10.0, "scale": 0.05,
+                                     "elastic_mm": 1.5, "elastic_spacing_mm": 16.0,
+                                     "intensity": 0.0, "noise": 0.0, "flip": False})
+    crop_grid = np.stack(np.meshgrid(*[np.arange(n) for n in crop], indexing="ij"), -1)
+    spread = []
+    for seed in range(3):
+        ex = augment.augment_example(pre, np.random.default_rng(seed), crop, (1.0, 1.0, 1.0), aug)
+        found = ex["landmarks"][channels]
+        assert np.all((found > 4) & (found < np.array(crop) - 5))
+        for p in found:  # the blob's centre of mass, within 4 voxels of where it should be
+            near = np.linalg.norm(crop_grid - p, axis=-1) < 4
+            w = ex["image"][..., 0] * near
+            # (the warp's curvature shifts a blob's centre of mass a little; a landmark moved by the
+            # affine part alone would be off by the field itself, about 1.5 voxels)
+            np.testing.assert_allclose((crop_grid * w[..., None]).sum((0, 1, 2)) / w.sum(), p, atol=0.3)
+        d = np.linalg.norm(found[:, None] - found[None], axis=-1)[np.triu_indices(3, 1)]
+        spread.append(d / np.linalg.norm(points[:, None] - points[None], axis=-1)[np.triu_indices(3, 1)])
+    # Affine-only would scale every distance by the same factor; the elastic field does not.
+    assert max(np.ptp(s) for s in spread) > 0.05

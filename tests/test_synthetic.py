@@ -165,16 +165,17 @@ def _cli(*args):
 
 
 def test_cli_writes_complete_cases_equal_to_generate_case(tmp_path):
+    # Four cases: on two or more cores they are made by worker processes.
     out = tmp_path / "set"
-    run = _cli(out, "--num", 2, "--seed", 5, "--spacing", "2.5,2.5,2.5", "--preview", "--pathology", 1.0)
+    run = _cli(out, "--num", 4, "--seed", 5, "--spacing", "2.5,2.5,2.5", "--preview", "--pathology", 1.0)
     assert run.returncode == 0, run.stderr
     assert "s per case" in run.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["case_0000", "case_0001"]   # no temp leftovers
+    assert sorted(p.name for p in out.iterdir()) == [f"case_000{i}" for i in range(4)]  # no temp leftovers
     for name in ["image.nii.gz", "landmarks.mrk.json", "vessels.nii.gz", "segments.nii.gz",
                  "attributes.json", "preview.png"]:
-        assert (out / "case_0001" / name).is_file(), name
-    loaded = io.load_case(out / "case_0001")
-    made = synthetic.generate_case(5, 1, (2.5, 2.5, 2.5), pathology_fraction=1.0)
+        assert (out / "case_0003" / name).is_file(), name
+    loaded = io.load_case(out / "case_0003")
+    made = synthetic.generate_case(5, 3, (2.5, 2.5, 2.5), pathology_fraction=1.0)
     np.testing.assert_array_equal(loaded.image, made.image)
     np.testing.assert_allclose(loaded.affine, made.affine, atol=1e-5)
     np.testing.assert_allclose(loaded.landmarks, made.landmarks, atol=1e-4)

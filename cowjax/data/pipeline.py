@@ -20,9 +20,8 @@ import grain
 import jax
 import numpy as np
 from absl import flags
-from tqdm import tqdm
 
-from cowjax.data import augment, io, preprocess
+from cowjax.data import _parallel, augment, io, preprocess
 from cowjax.errors import CowjaxError, atomic_output
 
 _CACHE_VERSION = 1  # bump when preprocessing changes what it writes
@@ -137,6 +136,10 @@ def preprocessed(case_dir, config, cache_dir) -> dict:
     return _load_cached(str(path))
 
 
+def _cache_case(job) -> None:
+    preprocessed(*job)
+
+
 @functools.lru_cache(maxsize=16)
 def _load_cached(path: str) -> dict:
     with np.load(path) as z:
@@ -182,8 +185,7 @@ def train_loader(config, case_dirs, cache_dir):
     if not case_dirs:
         raise CowjaxError("no training cases")
     _check_crop_centre(config)
-    for p in tqdm(case_dirs, desc="preprocess", unit="case", leave=False):
-        preprocessed(p, config, cache_dir)
+    _parallel.map_cases(_cache_case, [(p, config, cache_dir) for p in case_dirs], "preprocess")
     hosts, host = jax.process_count(), jax.process_index()
     if config.batch_size % hosts:
         raise CowjaxError(f"batch_size {config.batch_size} does not divide over {hosts} hosts")

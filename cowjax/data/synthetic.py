@@ -34,7 +34,7 @@ import numpy as np
 from scipy import ndimage, special
 
 from cowjax import anatomy
-from cowjax.data import _vessels, io
+from cowjax.data import _parallel, _vessels, io
 from cowjax.errors import CowjaxError, atomic_output
 
 PAPER_SPACING = (0.513, 0.513, 0.8)
@@ -657,8 +657,9 @@ def _write_case(out_dir: Path, case: io.Case, info: dict, preview: bool) -> Path
 
 def generate_dataset(out_dir: str | Path, num: int, seed: int, spacing=PAPER_SPACING,
                      pathology_fraction: float = 0.3, preview: bool = False,
-                     progress: bool = True) -> list[Path]:
-    """Write cases ``case_0000`` .. ``case_{num-1}`` under ``out_dir`` (created if missing).
+                     progress: bool = True, workers: int | None = None) -> list[Path]:
+    """Write cases ``case_0000`` .. ``case_{num-1}`` under ``out_dir`` (created if missing),
+    over ``workers`` processes (default: one per core).
 
     Each case is ``generate_case(seed, index, ...)``, so a case does not depend on ``num``.
     Returns the case folders.
@@ -671,12 +672,15 @@ def generate_dataset(out_dir: str | Path, num: int, seed: int, spacing=PAPER_SPA
     if out_dir.exists() and not out_dir.is_dir():
         raise CowjaxError(f"{out_dir}: exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    from tqdm import tqdm
-    dirs = []
-    for index in tqdm(range(num), desc="synthetic cases", unit="case", disable=not progress):
-        case, info = generate_case(seed, index, spacing, pathology_fraction, return_info=True)
-        dirs.append(_write_case(out_dir, case, info, preview))
-    return dirs
+    jobs = [(out_dir, seed, index, tuple(spacing), pathology_fraction, preview)
+            for index in range(num)]
+    return _parallel.map_cases(_make_case, jobs, "synthetic cases", progress, workers)
+
+
+def _make_case(job) -> Path:
+    out_dir, seed, index, spacing, pathology_fraction, preview = job
+    case, info = generate_case(seed, index, spacing, pathology_fraction, return_info=True)
+    return _write_case(out_dir, case, info, preview)
 
 
 def _parse_spacing(text: str) -> tuple[float, float, float]:
