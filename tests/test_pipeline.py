@@ -133,3 +133,24 @@ def test_a_broken_case_stops_the_loader(dataset, tmp_path):
     with pytest.raises(CowjaxError, match="case01/landmarks.mrk.json: unknown landmark name"):
         pipeline.train_loader(_config(tmp_path), io.list_cases(tmp_path), tmp_path / "cache")
     assert not any((tmp_path / "cache").glob("case01*"))
+
+
+def test_cached_case_reads_back_as_made(dataset, tmp_path):
+    """The cache gives back what preprocessing made, the volumes mapped read-only (so no example
+    can alter the cached case), and another spacing is another entry."""
+    config = _config(dataset)
+    case = io.list_cases(dataset)[0]
+    made = pipeline.preprocessed(case, config, tmp_path / "cache")
+    pipeline._load_cached.cache_clear()
+    read = pipeline.preprocessed(case, config, tmp_path / "cache")
+    assert made.keys() == read.keys()
+    for k, v in made.items():
+        if v is not None:
+            np.testing.assert_array_equal(read[k], v)
+            assert type(read[k]) is np.ndarray and read[k].dtype == v.dtype
+    assert not read["image"].flags.writeable
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [pipeline._cache_path(
+        case, config.data, tmp_path / "cache").name]                     # no temp folders left
+    config.data.spacing = (1.5, 1.5, 1.5)
+    pipeline.preprocessed(case, config, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 2
