@@ -1,4 +1,4 @@
-"""User-facing errors and atomic file output.
+"""User-facing errors and atomic file and folder output.
 
 A ``CowjaxError`` is a user's mistake or a broken input file: ``launch.py`` and the command-line
 entry points print its message as one line and exit non-zero, without a traceback.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -35,4 +36,21 @@ def atomic_output(path: str | os.PathLike):
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike):
+    """Yield a temporary folder beside ``path`` (whose parent must exist); move it onto ``path``,
+    replacing a folder already there, only if the block succeeds. Never a half-written folder."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.chmod(0o755)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise

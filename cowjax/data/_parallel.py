@@ -35,7 +35,11 @@ def map_cases(fn: Callable[[T], R], items: Iterable[T], desc: str, progress: boo
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
             futures = [pool.submit(fn, item) for item in items]
-            for future in concurrent.futures.as_completed(futures):
-                future.result()  # the first failure stops here
-                bar.update()
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    future.result()  # the first failure is raised here ...
+                    bar.update()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # ... without waiting for the cases not begun
+                raise
             return [f.result() for f in futures]

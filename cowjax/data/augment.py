@@ -3,8 +3,8 @@
 An example is cut from a preprocessed case (canonical grid, see ``preprocess.preprocess_case``)
 around ``crop_center``, moved by a random translation (the paper's augmentation), optionally rotated,
 scaled and elastically deformed (one resampling call), intensity-jittered, noised and left-right
-flipped with the mirrored channels swapped. The keys are those of a training batch (ARCHITECTURE.md) without the batch
-axis.
+flipped with the mirrored channels swapped. The keys are those of a training batch (ARCHITECTURE.md)
+without the batch axis.
 """
 
 from __future__ import annotations
@@ -124,8 +124,8 @@ class _ElasticField:
 def _warp(pre: dict, m: np.ndarray, offset: np.ndarray, crop_shape: np.ndarray, field) -> dict:
     """Resample ``pre`` at grid voxel g(c) = m c + offset (+ field(c)) for every crop voxel c."""
     has_segments = pre["segments"] is not None
-    blank = np.zeros(tuple(crop_shape), np.uint8)
-    landmarks = (pre["landmarks"] - offset) @ np.linalg.inv(m).T
+    m_inv = np.linalg.inv(m)
+    landmarks = (pre["landmarks"] - offset) @ m_inv.T
     if field is None:
         def resample(volume, order):
             return ndimage.affine_transform(volume, m, offset=offset, output_shape=tuple(crop_shape),
@@ -143,12 +143,13 @@ def _warp(pre: dict, m: np.ndarray, offset: np.ndarray, crop_shape: np.ndarray, 
         known = np.all(np.isfinite(landmarks), axis=1)
         c, target = landmarks[known], pre["landmarks"][known] - offset
         for _ in range(50):
-            c, previous = (target - field.at(c)) @ np.linalg.inv(m).T, c
+            c, previous = (target - field.at(c)) @ m_inv.T, c
             if np.abs(c - previous).max(initial=0.0) < 1e-2:
                 break
         landmarks[known] = c
     image = resample(pre["image"], 1)
-    segments = resample(pre["segments"], 0) if has_segments else blank
+    segments = (resample(pre["segments"], 0) if has_segments
+                else np.zeros(tuple(crop_shape), np.uint8))
     return _finish(image, landmarks, segments, has_segments, pre, crop_shape)
 
 

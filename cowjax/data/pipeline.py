@@ -12,9 +12,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import grain
@@ -23,7 +20,7 @@ import numpy as np
 from absl import flags
 
 from cowjax.data import _parallel, augment, io, preprocess
-from cowjax.errors import CowjaxError, atomic_output
+from cowjax.errors import CowjaxError, atomic_output, atomic_output_dir
 
 _CACHE_VERSION = 2  # bump when preprocessing changes what it writes (2: .npy folders)
 _SYNTHETIC_VERSION = 2  # bump when the generator's cases change: they go to a new folder
@@ -50,17 +47,11 @@ def _make_synthetic(config, data_dir: Path) -> None:
     """Generate the synthetic set into a temporary folder and rename it: never a half-made set."""
     from cowjax.data import synthetic  # the generator is only needed on first use
 
-    tmp = data_dir.with_name(f".{data_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output_dir(data_dir) as tmp:
         synthetic.generate_dataset(tmp, config.data.num_cases, config.data.synthetic_seed,
                                    spacing=tuple(config.data.synthetic_spacing),
                                    pathology_fraction=config.data.pathology_fraction)
-        os.replace(tmp, data_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def prepare_data(config, workdir) -> dict[str, list[Path]]:
@@ -134,17 +125,10 @@ def preprocessed(case_dir, config, cache_dir) -> dict:
     if not path.is_dir():
         pre = preprocess.preprocess_case(io.load_case(case_dir), config)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=cache_dir))
-        try:
+        with atomic_output_dir(path) as tmp:
             for k, v in pre.items():
                 if v is not None:
                     np.save(tmp / f"{k}.npy", v)
-            os.replace(tmp, path)
-        except OSError:
-            if not path.is_dir():  # another process may have written it first: that one is as good
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return pre
     return _load_cached(str(path))
 

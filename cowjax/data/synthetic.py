@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from scipy import ndimage, special
 
 from cowjax import anatomy
 from cowjax.data import _parallel, _vessels, io
-from cowjax.errors import CowjaxError, atomic_output
+from cowjax.errors import CowjaxError, atomic_output, atomic_output_dir
 
 PAPER_SPACING = (0.513, 0.513, 0.8)
 _SIDES = (("R", 1.0), ("L", -1.0))
@@ -637,21 +635,13 @@ def save_preview(case: io.Case, path: str | Path) -> None:
 
 
 def _write_case(out_dir: Path, case: io.Case, info: dict, preview: bool) -> Path:
-    """Write one case folder atomically: everything goes to a hidden temp folder, then a rename."""
+    """Write one case folder atomically (``atomic_output_dir``)."""
     final = out_dir / case.case_id
-    tmp = Path(tempfile.mkdtemp(prefix=f".{case.case_id}.", dir=out_dir))
-    try:
+    with atomic_output_dir(final) as tmp:
         io.save_case(tmp, case)
         (tmp / "pathology.json").write_text(json.dumps(info, indent=1))
         if preview:
             save_preview(case, tmp / "preview.png")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.chmod(0o755)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
