@@ -1,4 +1,5 @@
-"""Where the JAX train step's time goes: a profiler trace of the jitted ``step_mse`` step, summed per
+"""Where the JAX train step's time goes: a profiler trace of one jitted call of ``step_mse`` steps
+(``--steps_per_call``, default the config's: 4 on a CPU), summed per
 XLA op (fusion, convolution, copy, ...), biggest first.
 
   python benchmarks/profile_step.py --config=configs/paper.py:bench [--top=40] [--inference]
@@ -24,10 +25,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--steps_per_call", type=int, default=None,
+                        help="train steps per call (default: the config's)")
     parser.add_argument("--inference", action="store_true", help="profile the forward pass only")
     args = parser.parse_args()
     devices.use_cpu_cores()
     config = bench.load_config(args.config)
+    if args.steps_per_call is not None:
+        config.train.steps_per_call = args.steps_per_call
     model = unet.build_model(config)
     shape = tuple(int(n) for n in config.data.crop_shape)
     params = unet.init_params(model, jax.random.key(0))
@@ -38,9 +43,10 @@ def main():
     else:
         tx, step = bench.make_train_step(model, config, bench.mse_loss)
         state = [params, tx.init(params)]
+        batches = (batch,) * devices.steps_per_call(config.train.steps_per_call)
 
         def run():
-            state[0], state[1], loss = step(state[0], state[1], batch)
+            state[0], state[1], loss = step(state[0], state[1], batches)
             loss.block_until_ready()
     run()
     t = time.perf_counter()

@@ -101,8 +101,10 @@ def _loss_fn(use_project_loss: bool):
 
 
 def make_train_step(model, config, loss_fn):
-    """A minimal Adam train step ``(params, opt_state, batch) -> (params, opt_state, loss)``, the
-    batch split over ``devices.data_mesh`` (on a CPU: one device per core) like in training."""
+    """A minimal Adam train step like training's: ``(params, opt_state, batches) -> (params,
+    opt_state, losses)``, one step per batch of the tuple, unrolled in one call (training takes
+    ``devices.steps_per_call`` per call), each batch split over ``devices.data_mesh`` (on a CPU:
+    one device per core)."""
     tx = optax.adam(config.optim.learning_rate, b1=config.optim.b1, b2=config.optim.b2)
 
     def step(params, opt_state, batch):
@@ -113,38 +115,47 @@ def make_train_step(model, config, loss_fn):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    def steps(params, opt_state, batches):
+        losses = []
+        for batch in batches:
+            params, opt_state, loss = step(params, opt_state, batch)
+            losses.append(loss)
+        return params, opt_state, jnp.stack(losses)
+
     mesh = devices.data_mesh(config.batch_size)
     rep, split = devices.replicated(mesh), devices.split(mesh)
-    return tx, jax.jit(step, in_shardings=(rep, rep, split), out_shardings=(rep, rep, rep),
+    return tx, jax.jit(steps, in_shardings=(rep, rep, split), out_shardings=(rep, rep, rep),
                        donate_argnums=(0, 1))
 
 
 def _bench_step(part, model, params, config, shape, repeats, use_project_loss):
     loss_name, loss_fn = _loss_fn(use_project_loss)
     tx, step = make_train_step(model, config, loss_fn)
+    per_call = devices.steps_per_call(config.train.steps_per_call)
     mesh = devices.data_mesh(config.batch_size)  # the one make_train_step splits the batch over
     batch = jax.device_put(random_batch(jax.random.key(1), config.batch_size, shape),
                            devices.split(mesh))
+    batches = (batch,) * per_call
     params = jax.tree.map(jnp.copy, params)  # the step donates its inputs
     opt_state = tx.init(params)
     t = time.perf_counter()
-    compiled = step.lower(params, opt_state, batch).compile()
+    compiled = step.lower(params, opt_state, batches).compile()
     compile_s = time.perf_counter() - t
     # An SPMD program's cost analysis counts one device's share.
     flops = _flops(compiled)
-    flops = flops * mesh.size if flops else None
+    flops = flops * mesh.size / per_call if flops else None
     state = [params, opt_state]
 
     def run():
-        state[0], state[1], loss = compiled(state[0], state[1], batch)
+        state[0], state[1], loss = compiled(state[0], state[1], batches)
         loss.block_until_ready()
 
     run()  # first call: allocation and warm-up
-    sec = median_time(run, repeats)
+    sec = median_time(run, repeats) / per_call
     voxels = config.batch_size * int(np.prod(shape))
     _emit(part, loss=loss_name, conv_impl=config.model.conv_impl,
-          batch=config.batch_size, devices=mesh.size, input=list(shape), step_s=round(sec, 4),
-          steps_per_s=round(1 / sec, 3), voxels_per_s=round(voxels / sec),
+          batch=config.batch_size, devices=mesh.size, input=list(shape), steps_per_call=per_call,
+          step_s=round(sec, 4), steps_per_s=round(1 / sec, 3), voxels_per_s=round(voxels / sec),
           compile_s=round(compile_s, 1),
           flops_per_step=flops, gflops_per_s=round(flops / sec / 1e9, 1) if flops else None)
     return sec

@@ -87,6 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     t.nonfinite = "stop"                  # "stop": halt naming the step; "skip": skip the update, count it
     t.keep_checkpoints = 2
     t.distributed = False                 # call jax.distributed.initialize() (multi-host)
+    t.steps_per_call = 0                  # train steps unrolled in one jitted call; 0: 4 on CPU, else 1
     return c
 
 

@@ -66,6 +66,21 @@ def split(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
+def steps_per_call(requested: int = 0) -> int:
+    """Train steps per jitted call: ``requested``, or with 0 (auto) 4 on a CPU and 1 elsewhere.
+
+    XLA's CPU runtime allocates a program's working memory afresh at every call and the kernel
+    zero-fills each new page on first touch: a quarter of the paper network's CPU step went to
+    page faults (BENCHMARKS.md). Several steps unrolled in one program share one allocation; on
+    GPU/TPU a call costs little and unrolling only lengthens compilation.
+    """
+    if requested < 0:
+        raise ValueError(f"steps_per_call={requested} must be 0 (auto) or positive")
+    if requested:
+        return requested
+    return 4 if jax.default_backend() == "cpu" else 1
+
+
 def window_batch(accelerator_batch: int = 8) -> int:
     """Windows per inference call: one per local device on CPU (so every core runs one), else
     ``accelerator_batch`` rounded up to a multiple of the local devices."""

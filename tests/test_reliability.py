@@ -43,6 +43,9 @@ def _child(workdir):
 
     config = tt.tiny_config(num_train_steps=NUM_STEPS, checkpoint_every_steps=3,
                             eval_every_steps=4)
+    # Calls of up to 2 steps (1-2, 3, 4, 5-6, 7-8, 9, 10-11, 12): a SIGTERM after the checkpoint
+    # of step 9 stops the run at 11, before its last call.
+    config.train.steps_per_call = 2
     try:
         train.run_training(config, workdir, tt.TinyNet(), SlowBatches(config),
                            tt.val_examples(config))

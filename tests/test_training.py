@@ -126,8 +126,8 @@ def test_loss_falls_when_overfitting_one_batch():
     batch = train.to_device(random_batch(config, 0), mesh)
     losses = []
     for _ in range(12):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
+        state, metrics = step(state, (batch,))
+        losses.append(float(metrics["loss"][0]))
     assert int(state["step"]) == 12
     assert np.all(np.diff(losses) < 0), losses
     assert losses[-1] < 0.97 * losses[0], losses
@@ -144,6 +144,25 @@ def test_resume_continues_at_the_right_step_and_equals_an_uninterrupted_run(tmp_
     assert [m["step"] for m in got] == [m["step"] for m in want]
     assert got == want
     assert (tmp_path / "resumed" / "best").is_dir()
+
+
+def test_steps_per_call_gives_the_same_training(tmp_path):
+    # Several steps unrolled in one call (devices.steps_per_call) are the same steps; calls end on
+    # validation and checkpoint steps (here 1-3, 4-5, 6 with 3 per call).
+    runs = {}
+    for k in (1, 3):
+        config = tiny_config(num_train_steps=6, eval_every_steps=4, checkpoint_every_steps=5)
+        config.train.steps_per_call = k
+        runs[k] = (run(config, tmp_path / str(k)), read_metrics(tmp_path / str(k)))
+        assert ckpt.Checkpoints(tmp_path / str(k), 1).latest_step() == 6
+    (one, one_log), (three, three_log) = runs[1], runs[3]
+    assert [(m["step"], m["split"]) for m in three_log] == [(m["step"], m["split"]) for m in one_log]
+    assert [m["step"] for m in one_log if m["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(one_log, three_log):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"split"}:
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    np.testing.assert_allclose(three["val_mre_mm"], one["val_mre_mm"], rtol=1e-5)
 
 
 def test_seed_decides_the_initial_params_and_is_recorded(tmp_path):

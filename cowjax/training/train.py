@@ -1,6 +1,7 @@
 """Data-parallel training with automatic resume: ``train_and_evaluate(config, workdir)``.
 
-One jitted step ``(state, batch) -> (state, metrics)`` over a ``('data',)`` mesh
+One jitted call of k train steps ``(state, (batch,) * k) -> (state, metrics)`` (k:
+``devices.steps_per_call``, 4 on a CPU) over a ``('data',)`` mesh
 (``devices.data_mesh``: every device, or on one host as many as the batch divides over, which on a
 CPU means one per core): the batch is split over the devices, the state replicated and donated.
 Checkpoints are made at fixed steps (every ``checkpoint_every_steps`` and the last), on SIGTERM,
@@ -14,6 +15,7 @@ for the refinement stage (``config.refine``) under ``refine/``.
 
 from __future__ import annotations
 
+import collections
 import json
 import signal
 import threading
@@ -37,7 +39,7 @@ def make_train_step(model, config, tx):
     """The pure train step ``(state, batch) -> (state, metrics)``.
 
     A non-finite loss or gradient leaves params and optimizer state unchanged (counted in
-    ``state["nonfinite"]``; metrics["finite"] tells the host, which stops or goes on according to
+    ``state["nonfinite"]``, and in metrics["skipped"]; metrics["finite"] tells the host, which stops or goes on according to
     ``config.train.nonfinite``). No randomness: the step is a deterministic function of its inputs.
     """
     def loss_fn(params, batch):
@@ -55,7 +57,8 @@ def make_train_step(model, config, tx):
                      "params": keep(params, state["params"]),
                      "opt_state": keep(opt_state, state["opt_state"]),
                      "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32)}
-        metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "finite": finite}
+        metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "finite": finite,
+                   "skipped": new_state["nonfinite"]}
         return new_state, metrics
 
     return step
@@ -65,10 +68,24 @@ def make_mesh(batch_size: int) -> Mesh:
     return devices.data_mesh(batch_size)
 
 
+def chain_steps(step_fn):
+    """``(state, batches) -> (state, metrics)``: ``step_fn`` applied to each batch of the tuple in
+    turn, unrolled in one program (one call, one allocation of working memory: ``devices.
+    steps_per_call``); each metric stacked over the steps on a leading axis."""
+    def steps(state, batches):
+        history = []
+        for batch in batches:
+            state, metrics = step_fn(state, batch)
+            history.append(metrics)
+        return state, jax.tree.map(lambda *m: jnp.stack(m), *history)
+    return steps
+
+
 def compile_train_step(step_fn, mesh: Mesh):
-    """jit with the batch split over 'data', the state replicated and donated."""
+    """jit of ``chain_steps(step_fn)``: every batch split over 'data', the state replicated and
+    donated. A tuple of k batches runs k steps (one compilation per k)."""
     replicated = devices.replicated(mesh)
-    return jax.jit(step_fn, in_shardings=(replicated, devices.split(mesh)),
+    return jax.jit(chain_steps(step_fn), in_shardings=(replicated, devices.split(mesh)),
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
@@ -80,7 +97,7 @@ def to_device(batch: dict, mesh: Mesh) -> dict:
 
 
 def _prefetched(iterator, mesh):
-    """Yield (iterator position before the batch, device batch), one batch ahead of the caller."""
+    """Yield (iterator position before the batch, the batch on the devices)."""
     while True:
         position = ckpt.iterator_state(iterator)
         yield position, to_device(next(iterator), mesh)
@@ -216,40 +233,63 @@ def run_training(config, workdir, model, train_iter, val_examples, desc: str = "
                 "iterator": position, "config": ckpt.config_to_dict(config)}
         checkpoints.save(state, meta, best_metric=mre, latest=latest)
 
+    per_call = devices.steps_per_call(config.train.steps_per_call)
+
+    def call_end(step):
+        """The last step of the call after ``step``: at most ``per_call`` steps, ending on every
+        validation and checkpoint step (the state is whole only between calls)."""
+        ends = [config.num_train_steps, step + per_call]
+        ends += [(step // every + 1) * every
+                 for every in (config.eval_every_steps, config.checkpoint_every_steps)]
+        return min(ends)
+
     summary = {}
     batches = _prefetched(train_iter, mesh)
-    _, batch = next(batches) if start < config.num_train_steps else (None, None)
+    pending = collections.deque()        # (iterator position before the batch, device batch)
+
+    def fetch(n):
+        while len(pending) < n:
+            pending.append(next(batches))
+
     bar = tqdm(total=config.num_train_steps, initial=start, desc=desc, unit="step",
                disable=jax.process_index() != 0, dynamic_ncols=True)
+    step = start
     t0 = time.perf_counter()
     try:
         with _Sigterm() as sigterm:
-            for step in range(start + 1, config.num_train_steps + 1):
-                state, metrics = train_step(state, batch)
-                last = step == config.num_train_steps
-                # Fetch the next batch while the device computes this step; `position` is where
-                # the iterator stands for step + 1 (what a checkpoint at `step` must record).
-                if last:
-                    position, batch = ckpt.iterator_state(train_iter), None
-                else:
-                    position, batch = next(batches)
-                metrics = jax.device_get(metrics)
-                if not metrics["finite"]:
-                    if config.train.nonfinite == "stop":
-                        raise CowjaxError(
-                            f"step {step}: the loss or a gradient is not finite (loss="
-                            f"{float(metrics['loss'])}); stopped, keeping the last good "
-                            f"checkpoint (step {checkpoints.latest_step() or 'none yet'}) in "
-                            f"{workdir}")
-                    bar.write(f"step {step}: non-finite loss or gradient, update skipped")
-                record = {k: float(v) for k, v in metrics.items() if k != "finite"}
-                summary.update(record)
+            if step < config.num_train_steps:
+                fetch(call_end(step) - step)
+            while step < config.num_train_steps:
+                end = call_end(step)
+                state, history = train_step(state, tuple(pending.popleft()[1]
+                                                         for _ in range(end - step)))
+                last = end == config.num_train_steps
+                # Fetch the next call's batches while the device computes this one; `position` is
+                # where the iterator stands for step end + 1 (what a checkpoint at `end` records).
+                if not last:
+                    fetch(call_end(end) - end)
+                position = pending[0][0] if pending else ckpt.iterator_state(train_iter)
+                history = jax.device_get(history)
+                for i, at in enumerate(range(step + 1, end + 1)):
+                    metrics = {k: v[i] for k, v in history.items()}
+                    if not metrics["finite"]:
+                        if config.train.nonfinite == "stop":
+                            raise CowjaxError(
+                                f"step {at}: the loss or a gradient is not finite (loss="
+                                f"{float(metrics['loss'])}); stopped, keeping the last good "
+                                f"checkpoint (step {checkpoints.latest_step() or 'none yet'}) in "
+                                f"{workdir}")
+                        bar.write(f"step {at}: non-finite loss or gradient, update skipped")
+                    record = {k: float(v) for k, v in metrics.items()
+                              if k not in ("finite", "skipped")}
+                    summary.update(record)
+                    if at % config.log_every_steps == 0 or at == config.num_train_steps:
+                        metrics_log.write({"step": at, "split": "train", **record,
+                                           "skipped": int(metrics["skipped"]),
+                                           "steps_per_s": (at - start) / (time.perf_counter() - t0)})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()}, refresh=False)
-                bar.update(1)
-                if step % config.log_every_steps == 0 or last:
-                    metrics_log.write({"step": step, "split": "train", **record,
-                                       "skipped": int(state["nonfinite"]),
-                                       "steps_per_s": (step - start) / (time.perf_counter() - t0)})
+                bar.update(end - step)
+                step = end
                 mre = None
                 if step % config.eval_every_steps == 0 or last:
                     mre = validation_mre(eval_fn, state["params"], val_examples, config.data.spacing,
