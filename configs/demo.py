@@ -22,9 +22,9 @@ Two stages, both trained by the one command:
 Both: Adam at lr 1e-3 with a short warmup and cosine decay, translation/rotation/scale/intensity/
 noise/flip augmentation, 160 synthetic cases (135 train, 9 validation, 16 test): with more
 subjects the first network leans less on the template's shape.
-Measured 2026-11-24 on the 2-core dev CPU (one JAX device per core): about 0.26 s per first-stage
-step and 0.12 s per refinement step; the whole command from a fresh clone (install, data, both
-stages, test evaluation) in about 17 minutes (README has the output).
+Measured 2026-11-24 on the 2-core dev CPU (one JAX device per core, four steps per jitted call):
+about 0.19 s per first-stage step and 0.1 s per refinement step; the whole command from a fresh
+clone (install, data, both stages, test evaluation) in about 16 minutes (README has the output).
 """
 
 from cowjax.config_defaults import apply_ablation, default_config
