@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from cowjax import anatomy
+from cowjax import devices
 from cowjax.errors import CowjaxError
 from cowjax.training import checkpoint as ckpt
 from cowjax.training import state as state_lib
@@ -131,6 +132,23 @@ def test_loss_falls_when_overfitting_one_batch():
     assert int(state["step"]) == 12
     assert np.all(np.diff(losses) < 0), losses
     assert losses[-1] < 0.97 * losses[0], losses
+
+
+def test_train_call_makes_no_host_device_transfers():
+    # State and batches on the devices: a call of k steps reads and writes nothing on the host.
+    config = tiny_config()
+    model, tx = TinyNet(), state_lib.make_optimizer(config)
+    mesh = train.make_mesh(config.batch_size)
+    state = jax.device_put(state_lib.create_state(state_lib.init_params(model, config), tx),
+                           devices.replicated(mesh))
+    step = train.compile_train_step(train.make_train_step(model, config, tx), mesh)
+    batches = tuple(train.to_device(random_batch(config, i), mesh) for i in range(3))
+    with jax.transfer_guard("disallow"):
+        state, metrics = step(state, batches)
+        jax.block_until_ready((state, metrics))
+    assert int(state["step"]) == 3 and metrics["loss"].shape == (3,)
+    with jax.transfer_guard("disallow"), pytest.raises(Exception, match="[Tt]ransfer"):
+        step(state, (random_batch(config, 0),))          # the guard does catch a host batch
 
 
 def test_resume_continues_at_the_right_step_and_equals_an_uninterrupted_run(tmp_path):
