@@ -42,12 +42,12 @@ def main():
         run = lambda: jax.block_until_ready(f(params, batch["image"]))  # noqa: E731
     else:
         tx, step = bench.make_train_step(model, config, bench.mse_loss)
-        state = [params, tx.init(params)]
+        state = [(params, tx.init(params))]
         batches = (batch,) * devices.steps_per_call(config.train.steps_per_call)
 
         def run():
-            state[0], state[1], loss = step(state[0], state[1], batches)
-            loss.block_until_ready()
+            state[0], losses = step(state[0], batches)
+            losses.block_until_ready()
     run()
     t = time.perf_counter()
     run()

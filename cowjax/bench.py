@@ -101,31 +101,26 @@ def _loss_fn(use_project_loss: bool):
 
 
 def make_train_step(model, config, loss_fn):
-    """A minimal Adam train step like training's: ``(params, opt_state, batches) -> (params,
-    opt_state, losses)``, one step per batch of the tuple, unrolled in one call (training takes
-    ``devices.steps_per_call`` per call), each batch split over ``devices.data_mesh`` (on a CPU:
-    one device per core)."""
+    """A minimal Adam train step, chained like training's (``train.chain_steps``):
+    ``((params, opt_state), batches) -> ((params, opt_state), losses)``, one step per batch of the
+    tuple in one call, each batch split over ``devices.data_mesh`` (on a CPU: one device per core)."""
+    from cowjax.training.train import chain_steps
     tx = optax.adam(config.optim.learning_rate, b1=config.optim.b1, b2=config.optim.b2)
 
-    def step(params, opt_state, batch):
+    def step(state, batch):
+        params, opt_state = state
+
         def objective(p):
             loss, _ = loss_fn(model.apply({"params": p}, batch["image"]), batch, config)
             return loss
         loss, grads = jax.value_and_grad(objective)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    def steps(params, opt_state, batches):
-        losses = []
-        for batch in batches:
-            params, opt_state, loss = step(params, opt_state, batch)
-            losses.append(loss)
-        return params, opt_state, jnp.stack(losses)
+        return (optax.apply_updates(params, updates), opt_state), loss
 
     mesh = devices.data_mesh(config.batch_size)
     rep, split = devices.replicated(mesh), devices.split(mesh)
-    return tx, jax.jit(steps, in_shardings=(rep, rep, split), out_shardings=(rep, rep, rep),
-                       donate_argnums=(0, 1))
+    return tx, jax.jit(chain_steps(step), in_shardings=(rep, split), out_shardings=(rep, rep),
+                       donate_argnums=0)
 
 
 def _bench_step(part, model, params, config, shape, repeats, use_project_loss):
@@ -137,18 +132,17 @@ def _bench_step(part, model, params, config, shape, repeats, use_project_loss):
                            devices.split(mesh))
     batches = (batch,) * per_call
     params = jax.tree.map(jnp.copy, params)  # the step donates its inputs
-    opt_state = tx.init(params)
+    state = [(params, tx.init(params))]
     t = time.perf_counter()
-    compiled = step.lower(params, opt_state, batches).compile()
+    compiled = step.lower(state[0], batches).compile()
     compile_s = time.perf_counter() - t
     # An SPMD program's cost analysis counts one device's share.
     flops = _flops(compiled)
     flops = flops * mesh.size / per_call if flops else None
-    state = [params, opt_state]
 
     def run():
-        state[0], state[1], loss = compiled(state[0], state[1], batches)
-        loss.block_until_ready()
+        state[0], losses = compiled(state[0], batches)
+        losses.block_until_ready()
 
     run()  # first call: allocation and warm-up
     sec = median_time(run, repeats) / per_call

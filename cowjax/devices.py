@@ -75,7 +75,8 @@ def steps_per_call(requested: int = 0) -> int:
     GPU/TPU a call costs little and unrolling only lengthens compilation.
     """
     if requested < 0:
-        raise ValueError(f"steps_per_call={requested} must be 0 (auto) or positive")
+        from cowjax.errors import CowjaxError
+        raise CowjaxError(f"config.train.steps_per_call={requested} must be 0 (auto) or positive")
     if requested:
         return requested
     return 4 if jax.default_backend() == "cpu" else 1

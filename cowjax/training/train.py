@@ -39,8 +39,8 @@ def make_train_step(model, config, tx):
     """The pure train step ``(state, batch) -> (state, metrics)``.
 
     A non-finite loss or gradient leaves params and optimizer state unchanged (counted in
-    ``state["nonfinite"]``, and in metrics["skipped"]; metrics["finite"] tells the host, which stops or goes on according to
-    ``config.train.nonfinite``). No randomness: the step is a deterministic function of its inputs.
+    ``state["nonfinite"]`` and metrics["skipped"]; metrics["finite"] tells the host, which stops or
+    goes on according to ``config.train.nonfinite``). No randomness: the step is a deterministic function of its inputs.
     """
     def loss_fn(params, batch):
         outputs = model.apply({"params": params}, batch["image"])
@@ -192,6 +192,7 @@ def check_config(config) -> None:
                  "log_every_steps"):
         if config[name] < 1:
             raise CowjaxError(f"config.{name}={config[name]} must be at least 1")
+    devices.steps_per_call(config.train.steps_per_call)   # raises on a negative value
 
 
 def save_config(config, workdir: Path) -> None:
@@ -257,10 +258,9 @@ def run_training(config, workdir, model, train_iter, val_examples, desc: str = "
     t0 = time.perf_counter()
     try:
         with _Sigterm() as sigterm:
-            if step < config.num_train_steps:
-                fetch(call_end(step) - step)
             while step < config.num_train_steps:
                 end = call_end(step)
+                fetch(end - step)
                 state, history = train_step(state, tuple(pending.popleft()[1]
                                                          for _ in range(end - step)))
                 last = end == config.num_train_steps
@@ -317,6 +317,7 @@ def train_and_evaluate(config, workdir) -> dict:
     from cowjax.config_defaults import refine_config
     if config.train.distributed:
         jax.distributed.initialize()
+    check_config(config)      # before any data is made or written (run_training checks each stage)
     workdir = Path(workdir)
     summary = _train_stage(config, workdir, workdir, "train")
     if config.refine.num_train_steps > 0:
