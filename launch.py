@@ -1,17 +1,24 @@
-"""cowjax entry point: train, evaluate, predict, register or benchmark.
+"""cowjax entry point: train, evaluate, predict, register, run the ablation or benchmark.
 
   python launch.py --config=configs/demo.py --workdir=runs/demo             # train, then test
+  python launch.py --mode=ablate --config=configs/demo.py --workdir=runs/ablation --seeds=3
   python launch.py --mode=predict --workdir=runs/demo --input=IMG --output=OUT.mrk.json
   python launch.py --mode=eval --workdir=runs/demo --data_dir=CASES
+  python launch.py --mode=eval --workdir=runs/demo --decode=argmax --tta=none --norefine  # as the paper
   python launch.py --mode=register --workdir=runs/demo --fixed=A.nii.gz --moving=B.nii.gz \
       --output=B_on_A.nii.gz
   python launch.py --mode=bench --config=configs/paper.py
+
+``--mode=ablate`` trains the paper's four loss settings (heatmap_only, seg, seg_attr, full) for each
+seed, each a run under the workdir, evaluates them on the same test cases (``--data_dir``: on those
+cases) and writes the comparison there (``cowjax/ablation.py``); started again it skips what is done.
 
 Everything worth testing lives in ``cowjax``; this file parses flags and makes one call.
 A user's mistake (a bad path, a broken file) is printed as one line and exits with status 2.
 """
 
 import os
+import shlex
 import sys
 
 from absl import app, flags, logging
@@ -21,13 +28,22 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
                                           lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config. "
                                "For --mode=eval, a comma-separated list compares runs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "register", "bench"],
-                          "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train",
+                          ["train", "eval", "predict", "register", "ablate", "bench"], "What to do.")
 _INPUT = flags.DEFINE_string("input", None, "predict: an image, or a directory of cases/images.")
 _OUTPUT = flags.DEFINE_string("output", None, "predict/register: output file or directory.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "eval: cases with ground truth "
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "eval, ablate: cases with ground truth "
                                 "(default: the run's own test split).")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "ablate: seeds per arm (at least 1).")
 _SAVE_SEG = flags.DEFINE_bool("save_segmentation", False, "predict: also write segment labels.")
+_DECODE = flags.DEFINE_enum("decode", "quadratic", ["quadratic", "argmax", "soft"],
+                            "predict, eval: how heatmaps are read ('argmax': as the paper; "
+                            "'quadratic': argmax and a sub-voxel fit).")
+_TTA = flags.DEFINE_enum("tta", "default", ["default", "none"],
+                         "predict, eval: test-time augmentation ('default': the mirror image and "
+                         "the refinement stage's shifted patches; 'none': as the paper).")
+_REFINE = flags.DEFINE_bool("refine", True, "predict, eval: use the run's refinement stage where "
+                            "it has one (--norefine: the first network alone, as the paper).")
 _FIXED = flags.DEFINE_string("fixed", None, "register: the fixed image.")
 _MOVING = flags.DEFINE_string("moving", None, "register: the moving image.")
 _FIXED_LM = flags.DEFINE_string("fixed_landmarks", None, "register: landmarks of the fixed image.")
@@ -50,13 +66,13 @@ def _run() -> None:
         if workdir is None:
             raise _usage("--mode=eval needs --workdir")
         from cowjax.inference import evaluate
-        evaluate.run_eval(workdir.split(","), data_dir=_DATA_DIR.value)
+        evaluate.run_eval(workdir.split(","), data_dir=_DATA_DIR.value, **_inference_flags())
     elif mode == "predict":
         if not (workdir and _INPUT.value and _OUTPUT.value):
             raise _usage("--mode=predict needs --workdir, --input and --output")
         from cowjax.inference import predict
         predict.run_predict(workdir, _INPUT.value, _OUTPUT.value,
-                            save_segmentation=_SAVE_SEG.value)
+                            save_segmentation=_SAVE_SEG.value, **_inference_flags())
     elif mode == "register":
         if not (_FIXED.value and _MOVING.value and _OUTPUT.value):
             raise _usage("--mode=register needs --fixed, --moving and --output")
@@ -64,11 +80,22 @@ def _run() -> None:
         cli.run_register(workdir, _FIXED.value, _MOVING.value, _OUTPUT.value,
                          transform=_TRANSFORM.value, fixed_landmarks=_FIXED_LM.value,
                          moving_landmarks=_MOVING_LM.value)
+    elif mode == "ablate":
+        if config is None or workdir is None:
+            raise _usage("--mode=ablate needs --config and --workdir")
+        from cowjax import ablation
+        ablation.run_ablation(config, workdir, seeds=_SEEDS.value, data_dir=_DATA_DIR.value,
+                              command=shlex.join(["python", *sys.argv]))
     elif mode == "bench":
         if config is None:
             raise _usage("--mode=bench needs --config")
         from cowjax import bench
         bench.run_bench(config, parts=_PARTS.value)
+
+
+def _inference_flags() -> dict:
+    return {"tta": _TTA.value == "default", "decode_method": _DECODE.value,
+            "refine": _REFINE.value}
 
 
 def _usage(message):

@@ -13,7 +13,9 @@ Two stages, both trained by the one command:
 - the first network: 2 mm voxels, a 64 x 40 x 40 crop (128 x 80 x 80 mm: the whole circle with a
   margin), widths (8, 16, 32, 64), heatmaps and segmentation at half resolution (so the
   full-resolution decoder level is not built), the full multi-task loss with spatial-softmax
-  cross-entropy on the heatmaps, 2000 steps of batch 2;
+  cross-entropy on the heatmaps and Dice + ratio-weighted cross-entropy on the segment labels grown
+  by 2 mm (at 4 mm a segment is a fraction of a voxel: BENCHMARKS.md, 2026-12-01), 2000 steps of
+  batch 2; the segments it writes are the image's lumen labelled by its landmarks;
 - the refinement stage (``config.refine``, in ``runs/demo/refine``): 24^3 patches at 1 mm around one
   landmark each (offset up to 6 mm per axis), widths (8, 16, 32), heatmaps at full resolution,
   heatmap loss only, 2500 steps of batch 4; at inference each landmark is re-detected in its patch
@@ -45,6 +47,7 @@ def get_config(arg: str = ""):
     d.spacing = (2.0, 2.0, 2.0)
     d.crop_shape = (64, 40, 40)
     d.heatmap_sigma_mm = 3.0
+    d.segment_growth_mm = 2.0
     d.augment.translate_mm = 12.0
     d.augment.rotate_deg = 8.0
     d.augment.scale = 0.05
@@ -57,6 +60,7 @@ def get_config(arg: str = ""):
     c.model.segmentation_stride = 2
 
     c.loss.heatmap = "softmax_ce"
+    c.loss.segmentation = "dice_ce"
 
     r = c.refine
     r.num_train_steps = 2500

@@ -1,6 +1,9 @@
 """The default configuration every `configs/*.py` starts from, with each field explained.
 
 Experiment files change only what differs (see `configs/paper.py`, `configs/demo.py`).
+Two fields are filled in by the run once its split is known (`training.train.resolve_config`), and
+the run's `config.json` holds the filled-in values: `num_train_steps` when `num_epochs` > 0, and
+`data.template` with `data.registration = "training_sample"`.
 """
 
 import ml_collections
@@ -10,6 +13,9 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.num_train_steps = 1000
+    c.num_epochs = 0                      # > 0: num_train_steps = ceil(num_epochs * training
+                                          # cases / batch_size), resolved once the split is known
+                                          # (the resolved value is what the run's config.json holds)
     c.batch_size = 2                      # global, split over the ('data',) mesh
     c.checkpoint_every_steps = 200
     c.eval_every_steps = 200
@@ -22,12 +28,28 @@ def default_config() -> ml_collections.ConfigDict:
     d.synthetic_seed = 1234
     d.synthetic_spacing = (0.513, 0.513, 0.8)
     d.pathology_fraction = 0.3
-    d.split = (0.7, 0.1, 0.2)             # train / val / test fractions (recorded in workdir/split.json)
+    d.split = (0.7, 0.1, 0.2)             # train / val / test fractions of each dataset
+                                          # (recorded in workdir/split.json)
+    d.split_counts = ()                   # (train, val, test) cases per dataset, for cases on disk
+                                          # (source "dir"; a data_dir of dataset folders is split
+                                          # one dataset at a time), extra cases unused; () or a
+                                          # synthetic set: the fractions above
+    d.split_file = ""                     # JSON {"train": [...], "val": [...], "test": [...]} of
+                                          # case folders (relative to data_dir, or absolute): the
+                                          # split as given (it wins over counts and fractions)
     d.spacing = (0.513, 0.513, 0.8)       # network grid, mm
     d.crop_shape = (64, 64, 48)           # network input, voxels
     d.heatmap_sigma_mm = 2.0
     d.num_workers = 0                     # grain worker processes (0: in-process)
-    d.registration = "none"               # "none" or "template": rigid intensity registration first
+    d.registration = "none"               # rigid intensity registration of every image first:
+                                          # "none", "template" (to the rendered anatomy template)
+                                          # or "training_sample" (to the first training case's
+                                          # image, as the paper)
+    d.template = ""                       # "training_sample": set by the run to its
+                                          # <workdir>/template.nii.gz (the template case's image,
+                                          # copied), so prediction finds the same template
+    d.segment_growth_mm = 0.0             # segment labels grown by this (mm) before resampling to the
+                                          # network grid (a coarse grid's target; 0: as labelled)
     d.crop_centre = "circle"              # training crops centred on the landmarks' centroid ("circle")
                                           # or on one random landmark ("landmark": the refinement stage)
     d.augment = a = ml_collections.ConfigDict()
@@ -51,6 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.loss = l = ml_collections.ConfigDict()
     l.heatmap = "l2"                      # "l2" (paper, ratio-weighted) or "softmax_ce" (spatial softmax)
+    l.segmentation = "dice"               # "dice" (paper) or "dice_ce": Dice plus cross-entropy with
+                                          # foreground voxels weighted by the background/foreground ratio
     l.w_heatmap = 1.0
     l.w_segmentation = 1.0
     l.w_landmark_attr = 1.0
@@ -100,6 +124,7 @@ def refine_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     r = config.refine
     c = ml_collections.ConfigDict(config.to_dict())
     c.num_train_steps, c.batch_size = r.num_train_steps, r.batch_size
+    c.num_epochs = 0                      # the refinement stage counts steps, not epochs
     c.data.spacing, c.data.crop_shape = tuple(r.spacing), tuple(r.crop_shape)
     c.data.heatmap_sigma_mm, c.data.augment.translate_mm = r.heatmap_sigma_mm, r.translate_mm
     c.data.crop_centre = "landmark"

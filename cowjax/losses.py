@@ -19,6 +19,7 @@ from cowjax import anatomy
 
 # A target voxel above this (Gaussian peak 1) counts as foreground for the ratio weighting.
 FOREGROUND_THRESHOLD = 0.01
+SEGMENTATION_LOSSES = ("dice", "dice_ce")
 _EPS = 1e-6
 
 
@@ -89,15 +90,9 @@ def dice_loss(logits, labels, segments_mask):
     segments_mask: [B]. Returns a scalar in [0,1]. At stride 2 the targets are the class fractions
     of each 2x2x2 block (soft labels), so vessels thinner than a coarse voxel still count.
     """
-    num_classes = logits.shape[-1]
     m = segments_mask.astype(logits.dtype)[:, None, None, None, None]
     p = jax.nn.softmax(logits, axis=-1) * m
-    t = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
-    if t.shape[1:4] != logits.shape[1:4]:
-        b, (x, y, z) = t.shape[0], logits.shape[1:4]
-        s = t.shape[1] // x
-        t = t.reshape(b, x, s, y, s, z, s, num_classes).mean(axis=(2, 4, 6))
-    t = t * m
+    t = _block_fractions(labels, logits.shape[-1], logits.shape[1:4]).astype(logits.dtype) * m
     axes = (0, 1, 2, 3)
     inter = jnp.sum(p * t, axis=axes)
     n_t = jnp.sum(t, axis=axes)
@@ -106,6 +101,37 @@ def dice_loss(logits, labels, segments_mask):
     w = w / jnp.maximum(jnp.sum(w), _EPS)
     # No segmented case in the batch -> no loss (sum(w) = 0).
     return jnp.sum(w) - jnp.sum(w * dice)
+
+
+def _block_fractions(labels, num_classes, shape):
+    """One-hot labels [B,X,Y,Z] -> class fractions [B,x,y,z,C] of each s x s x s block (s = X/x)."""
+    t = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if t.shape[1:4] != tuple(shape):
+        b, (x, y, z) = t.shape[0], shape
+        s = t.shape[1] // x
+        t = t.reshape(b, x, s, y, s, z, s, num_classes).mean(axis=(2, 4, 6))
+    return t
+
+
+def segmentation_ce(logits, labels, segments_mask):
+    """Cross-entropy against the (block-fraction) labels, foreground weighted by the ratio.
+
+    As ``heatmap_l2``: a voxel's foreground share is 1 minus its background fraction, and the loss is
+    the mean of the background-weighted and the foreground-weighted cross-entropy over the masked
+    cases, so the few vessel voxels count as much as the whole background. Without it the
+    segmentation head sits at "all background" for hundreds of steps (a soft Dice over 21 classes
+    gives a thin class almost no gradient while its false-positive mass fills the denominator).
+
+    logits: [B,x,y,z,C]; labels: [B,X,Y,Z] int; segments_mask: [B]. Returns a scalar.
+    """
+    t = _block_fractions(labels, logits.shape[-1], logits.shape[1:4])
+    ce = -jnp.sum(t * jax.nn.log_softmax(logits, axis=-1), axis=-1)             # [B,x,y,z]
+    m = segments_mask.astype(ce.dtype)[:, None, None, None]
+    fg = (1.0 - t[..., 0]) * m
+    bg = t[..., 0] * m
+    ce_fg = jnp.sum(ce * fg) / jnp.maximum(jnp.sum(fg), _EPS)
+    ce_bg = jnp.sum(ce * bg) / jnp.maximum(jnp.sum(bg), _EPS)
+    return 0.5 * (ce_fg + ce_bg)
 
 
 def attribute_bce(logits, labels, mask):
@@ -131,7 +157,8 @@ def total_loss(outputs, batch, config):
     """Weighted sum of the loss terms; a term with weight 0 is not computed.
 
     Weights: ``config.loss.w_heatmap``, ``w_segmentation``, ``w_landmark_attr``,
-    ``w_segment_attr``, ``w_consistency``; ``config.loss.heatmap`` picks "l2" or "softmax_ce".
+    ``w_segment_attr``, ``w_consistency``; ``config.loss.heatmap`` picks "l2" or "softmax_ce",
+    ``config.loss.segmentation`` "dice" or "dice_ce" (Dice + ratio-weighted cross-entropy).
     Returns (loss scalar, {term name: unweighted value}).
     """
     lc = config.loss
@@ -146,8 +173,14 @@ def total_loss(outputs, batch, config):
         else:
             raise ValueError(f"config.loss.heatmap: unknown {lc.heatmap!r}; 'l2' or 'softmax_ce'")
     if lc.w_segmentation:
-        terms["segmentation"] = dice_loss(outputs["segmentation"], batch["segments"],
-                                          batch["segments_mask"])
+        seg_args = (outputs["segmentation"], batch["segments"], batch["segments_mask"])
+        kind = lc.get("segmentation", "dice")
+        if kind not in SEGMENTATION_LOSSES:
+            raise ValueError(f"config.loss.segmentation: unknown {kind!r}; one of "
+                             f"{SEGMENTATION_LOSSES}")
+        terms["segmentation"] = dice_loss(*seg_args)
+        if kind == "dice_ce":
+            terms["segmentation"] = terms["segmentation"] + segmentation_ce(*seg_args)
     if lc.w_landmark_attr:
         terms["landmark_attr"] = attribute_bce(outputs["landmark_attr"], batch["landmark_attr"],
                                                batch["landmark_attr_mask"])

@@ -93,3 +93,30 @@ def test_a_config_argument_reaches_get_config(tmp_path):
     assert r.returncode == 0, r.stderr
     model = json.loads(r.stdout.strip().splitlines()[0])
     assert model["input"] == [2, 64, 64, 48, 1]
+
+
+@pytest.mark.parametrize("arg", ["full", "heatmap_only"])
+def test_paper_does_what_the_paper_did(arg):
+    """25 / 5 / 10 cases per dataset on disk, 150 epochs counted from the training cases, each
+    image registered to a training case; the synthetic default split by fractions."""
+    from cowjax.training import train
+    c = paper.get_config(arg)
+    assert tuple(c.data.split_counts) == (25, 5, 10) and c.num_epochs == 150
+    assert c.data.registration == "training_sample"
+    splits = {"train": [f"case{i}" for i in range(25)], "val": [], "test": []}
+    assert train.resolve_config(c, "runs/x", splits).num_train_steps == 1875   # 150 * 25 / 2
+    splits["train"] *= 2                                                      # two datasets
+    assert train.resolve_config(c, "runs/x", splits).num_train_steps == 3750
+    assert train.resolve_config(c, "runs/x", splits).data.template.endswith("x/template.nii.gz")
+    synthetic = round(c.data.num_cases * c.data.split[0])
+    assert c.data.source == "synthetic" and synthetic == 105
+    # The bench measures the network and the pipeline: no registration there.
+    assert paper.get_config("bench").data.registration == "none"
+
+
+def test_epochs_count_nothing_by_default():
+    from cowjax.training import train
+    c = demo.get_config()
+    assert c.num_epochs == 0
+    resolved = train.resolve_config(c, "runs/x", {"train": list(range(135))})
+    assert resolved.num_train_steps == c.num_train_steps and resolved.data.template == ""

@@ -162,3 +162,34 @@ def test_heatmap_targets_peak_at_the_scaled_coordinate():
     assert t.shape == (1, 16, 16, 8, anatomy.NUM_LANDMARKS)
     peak = np.unravel_index(np.argmax(t[0, ..., 0]), t.shape[1:4])
     assert tuple(peak) == (4, 2, 1)
+
+
+def test_segmentation_ce_weights_the_few_vessel_voxels_as_much_as_the_background():
+    """One vessel voxel among 511 background ones: predicting background everywhere costs half the
+    maximum (the foreground half of the mean), not 1/512 of it, so the head cannot sit there."""
+    labels = np.zeros((1, 8, 8, 8), np.int32)
+    labels[0, 4, 4, 4] = 3
+    mask = np.ones(1, np.float32)
+    sure = 20.0
+    all_bg = np.zeros((1, 8, 8, 8, anatomy.NUM_CLASSES), np.float32)
+    all_bg[..., 0] = sure
+    right = all_bg.copy()
+    right[0, 4, 4, 4, 0], right[0, 4, 4, 4, 3] = 0.0, sure
+    ce_bg = float(losses.segmentation_ce(jnp.asarray(all_bg), labels, mask))
+    assert ce_bg == pytest.approx(0.5 * sure, rel=1e-3)          # -log softmax of the vessel voxel
+    assert float(losses.segmentation_ce(jnp.asarray(right), labels, mask)) < 1e-3
+    # A case without segments does not count.
+    assert float(losses.segmentation_ce(jnp.asarray(all_bg), labels, np.zeros(1, np.float32))) == 0
+
+
+def test_dice_ce_adds_the_cross_entropy_and_unknown_kind_raises():
+    config = test_config.get_config()
+    outputs, batch = _outputs_and_batch(config, jax.random.key(0))
+    _, dice_only = losses.total_loss(outputs, batch, config)
+    config.loss.segmentation = "dice_ce"
+    _, both = losses.total_loss(outputs, batch, config)
+    ce = losses.segmentation_ce(outputs["segmentation"], batch["segments"], batch["segments_mask"])
+    np.testing.assert_allclose(both["segmentation"], dice_only["segmentation"] + ce, rtol=1e-6)
+    config.loss.segmentation = "focal"
+    with pytest.raises(ValueError, match="config.loss.segmentation"):
+        losses.total_loss(outputs, batch, config)

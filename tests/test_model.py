@@ -64,7 +64,10 @@ def test_norms_and_native_conv_agree_in_shape(norm):
 def test_half_resolution_heads_skip_the_full_resolution_decoder():
     full = unet.init_params(_model(heatmap_stride=2), jax.random.key(0))
     half = unet.init_params(_model(heatmap_stride=2, segmentation_stride=2), jax.random.key(0))
-    assert "dec0" in full and "dec0" not in half and _n_params(half) < _n_params(full)
+    assert "dec0" in full and "dec0" not in half
+    # The attribute branches read wider (half-resolution) features; the trunk itself is smaller.
+    trunk = lambda p: _n_params({k: v for k, v in p.items() if k != "attributes"})  # noqa: E731
+    assert trunk(half) < trunk(full)
     out = _model(heatmap_stride=2, segmentation_stride=2).apply({"params": half},
                                                                 jnp.ones((1, *SHAPE, 1)))
     assert out["segmentation"].shape == (1, *(n // 2 for n in SHAPE), anatomy.NUM_CLASSES)
@@ -82,3 +85,42 @@ def test_bad_config_and_input_raise():
     params = unet.init_params(model, jax.random.key(0))
     with pytest.raises(CowjaxError, match="divisible"):
         model.apply({"params": params}, jnp.ones((1, 15, 16, 8, 1)))
+
+
+def _attribute_loss(params, model, x):
+    out = model.apply({"params": params}, x)
+    return jnp.sum(out["landmark_attr"] ** 2) + jnp.sum(out["segment_attr"] ** 2)
+
+
+def _grad_norms(grads):
+    return {k: float(sum(jnp.sum(jnp.abs(g)) for g in jax.tree.leaves(v))) for k, v in grads.items()}
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_attribute_branches_train_the_decoder_but_not_the_heads_they_read(stride):
+    """The paper's four parallel branches: the attribute losses reach the shared decoder through the
+    pooled features, while the heatmaps and labels they pool under are held fixed."""
+    model = _model(widths=(4, 8, 16), heatmap_stride=stride, segmentation_stride=stride)
+    params = unet.init_params(model, jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (2, *SHAPE, 1))
+    norms = _grad_norms(jax.grad(_attribute_loss)(params, model, x))
+    # The decoder level the heads read: full resolution (dec0) or half (dec1, dec0 not built).
+    decoder = "dec0" if stride == 1 else "dec1"
+    assert norms["attributes"] > 0 and norms[decoder] > 0 and norms["up1"] > 0
+    assert norms["heatmap_head"] == 0 and norms["segmentation_head"] == 0
+
+
+def test_landmark_attribute_reads_the_features_under_its_heatmap():
+    """Moving one landmark's heatmap peak changes that landmark's attribute logit, not another's:
+    each landmark's attribute is read where its heatmap points."""
+    branches = unet.AttributeBranches(hidden=8, attention_scale=1.0)
+    key = jax.random.key(0)
+    feats = jax.random.normal(key, (1, 8, 8, 8, 6))
+    heat = jnp.full((1, 8, 8, 8, anatomy.NUM_LANDMARKS), -10.0).at[:, 2, 2, 2, :].set(10.0)
+    seg_logits = jnp.zeros((1, 8, 8, 8, anatomy.NUM_CLASSES))
+    params = branches.init(key, feats, heat, feats, seg_logits)
+    lm_a, _ = branches.apply(params, feats, heat, feats, seg_logits)
+    moved = heat.at[:, 2, 2, 2, 3].set(-10.0).at[:, 6, 5, 4, 3].set(10.0)
+    lm_b, _ = branches.apply(params, feats, moved, feats, seg_logits)
+    changed = jnp.abs(lm_a - lm_b)[0] > 1e-6
+    assert bool(changed[3]) and int(changed.sum()) == 1

@@ -301,7 +301,27 @@ def test_flip_brings_the_mirror_image_back_onto_the_right_channels():
     def once(image, aff, segmentation):
         mirrored = np.linalg.det(aff[:3, :3]) * np.linalg.det(affine[:3, :3]) < 0
         seen = truth[anatomy.MIRROR_LANDMARKS] * [-1.0, 1.0, 1.0] if mirrored else truth
-        return predict.Prediction(seen, np.ones(L), np.zeros(L), np.zeros(anatomy.NUM_SEGMENTS))
+        return predict.Prediction(seen, np.ones(L), np.zeros(L),
+                                  np.zeros(anatomy.NUM_SEGMENTS)), None
 
     predictor._predict_once = once
     np.testing.assert_allclose(predictor.predict(np.zeros((4, 4, 4)), affine).landmarks, truth)
+
+
+def test_argmax_decoding_lands_on_grid_voxels_and_tta_can_be_turned_off():
+    """--decode=argmax --tta=none, the paper's scoring: each landmark sits on a voxel centre of the
+    network grid (no sub-voxel fit), and the mirror image is not predicted."""
+    centre = np.array([4.0, -2.5, 1.3])
+    affine = _affine((1.5, 1.5, 1.5))
+    predictor = predict.Predictor(_config(1), params=None, batch_size=1, flip=False,
+                                  decode_method="argmax")
+    predictor._forward = _EchoNet(1)
+    predictor.locate = lambda volume, first_guess: first_guess
+    pred = predictor.predict(_blob_image(affine, (40, 40, 30), centre), affine)
+    assert predictor._forward.calls == 1                                 # no mirror pass
+    grid = preprocess.canonical_grid(affine, (40, 40, 30), _config(1).data.spacing)[0]
+    vox = preprocess.world_to_voxel(pred.landmarks, grid)
+    np.testing.assert_allclose(vox, np.round(vox), atol=1e-6)
+    np.testing.assert_allclose(pred.landmarks, np.broadcast_to(centre, (L, 3)), atol=1.6)
+    with pytest.raises(CowjaxError, match="decode"):
+        predict.Predictor(_config(1), params=None, decode_method="centroid")

@@ -3,9 +3,11 @@
 import ml_collections
 import numpy as np
 import pytest
+from scipy.spatial.transform import Rotation
 
 from cowjax import anatomy
 from cowjax.data import augment, io, preprocess
+from cowjax.errors import CowjaxError
 
 
 def _oblique(rng, lps_like):
@@ -204,3 +206,32 @@ def test_elastic_deformation_moves_landmarks_with_the_vessels():
         spread.append(d / np.linalg.norm(points[:, None] - points[None], axis=-1)[np.triu_indices(3, 1)])
     # Affine-only would scale every distance by the same factor; the elastic field does not.
     assert max(np.ptp(s) for s in spread) > 0.05
+
+
+def test_registration_is_injected_and_sets_the_grid_in_template_space():
+    """``to_template`` (case world -> template world) turns the grid to template space: its axes are
+    RAS in template space, and every position still maps to the case's own world exactly."""
+    rng = np.random.default_rng(3)
+    shape = (20, 22, 18)
+    affine = _oblique(rng, False)
+    centre = preprocess.voxel_to_world((np.array(shape) - 1) / 2, affine)
+    landmarks = np.full((anatomy.NUM_LANDMARKS, 3), np.nan)
+    landmarks[:2] = centre + rng.uniform(-4, 4, (2, 3))
+    case = io.Case("c", _blob_image(affine, shape, landmarks[:2]), affine, landmarks)
+    to_template = np.eye(4)
+    to_template[:3, :3] = Rotation.from_euler("xyz", [25.0, -10.0, 40.0], degrees=True).as_matrix()
+    to_template[:3, 3] = [5.0, -3.0, 8.0]
+    config = _config((1.5, 1.5, 1.5))
+    config.data.registration = "training_sample"
+    pre = preprocess.preprocess_case(case, config, fov=False,
+                                     to_template=lambda image, aff: to_template)
+    np.testing.assert_allclose(to_template @ pre["affine"][:, :3],
+                               np.vstack([np.diag([1.5] * 3), np.zeros(3)]), atol=1e-9)
+    np.testing.assert_allclose(preprocess.voxel_to_world(pre["landmarks"][:2], pre["affine"]),
+                               landmarks[:2], atol=1e-9)
+    # Asked for but not given, or given but not asked for: one line naming both.
+    with pytest.raises(CowjaxError, match="'training_sample' but preprocess_case was given no "
+                                          "to_template"):
+        preprocess.preprocess_case(case, config, fov=False)
+    with pytest.raises(CowjaxError, match="'none' but preprocess_case was given a to_template"):
+        preprocess.preprocess_case(case, _config(), fov=False, to_template=lambda i, a: to_template)

@@ -70,7 +70,8 @@ def test_prior_keeps_the_refinement_near_the_first_estimate():
     near, far = np.array([5.0, 6.0, 7.0]), np.array([12.0, 11.0, 10.0])
     bump = lambda c, h: h * np.exp(-0.5 * ((grid - c) ** 2).sum(-1) / 1.5 ** 2)
     patch = (bump(near, 3.0) + bump(far, 5.0))[None, ..., None]  # the stronger peak is far away
-    args = (_EchoModel(), None, patch, np.array([4]), np.array([[5.5, 6.0, 6.5]], np.float32))
+    args = (_EchoModel(), "quadratic", None, patch, np.array([4]),
+            np.array([[5.5, 6.0, 6.5]], np.float32))
     tight = predict._refine_coords(*args, np.full(3, 2.0, np.float32))
     loose = predict._refine_coords(*args, np.full(3, 1e4, np.float32))
     np.testing.assert_allclose(np.asarray(tight)[0], near, atol=0.6)

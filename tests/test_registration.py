@@ -340,3 +340,58 @@ def test_run_register_bad_input(tmp_path):
                          moving_landmarks=lms["moving_landmarks"])
     # Nothing was written by the failed runs.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz", "all.mrk.json", "two.mrk.json"]
+
+
+# ------------------------------------------------------------------------------ "training_sample"
+
+def test_training_sample_registration_puts_a_rotated_copy_on_the_template_grid(tmp_path):
+    """Preprocessing with ``registration = "training_sample"``: a case whose world is the template
+    case's turned by about 11 degrees and shifted (and stored with other axes) lands on a grid whose
+    axes are RAS in the template's world: template-space distances become grid distances."""
+    import dataclasses
+
+    import ml_collections
+
+    from cowjax.data import preprocess
+    shape, spacing = (24, 24, 24), 2.5
+    t_aff = _oblique_affine(spacing, shape)
+    io.save_image(tmp_path / "template.nii.gz", _render(t_aff, shape), t_aff)
+    config = ml_collections.ConfigDict({"data": {
+        "spacing": (spacing,) * 3, "registration": "training_sample",
+        "template": str(tmp_path / "template.nii.gz")}})
+    to_template = intensity.template_registration(config.data)
+    assert to_template == intensity.TemplateRegistration(str(tmp_path / "template.nii.gz"))
+    truth = _transform([8, -6, 5], [4.0, -3.0, 2.0])        # case world -> template world
+    c_shape = (22, 26, 24)
+    c_aff = _oblique_affine(spacing, c_shape, perm=(1, 0, 2), flip=(-1, 1, 1), centre=(2, -1, 0))
+    case = io.Case("c", _render(c_aff, c_shape, truth), c_aff, np.full((19, 3), np.nan))
+    # One pyramid level: each level is a compilation, most of this test's time.
+    fast = dataclasses.replace(to_template, levels_mm=(5.0,), steps=(100,))
+    pre = preprocess.preprocess_case(case, config, fov=False, to_template=fast)
+    points = _TUBES.reshape(-1, 3)                           # template world
+    in_case = lm.apply_transform(np.linalg.inv(truth), points)
+
+    def grid_error(grid_affine):
+        """Largest mismatch (mm) between template-space offsets and grid offsets x spacing."""
+        vox = preprocess.world_to_voxel(in_case, grid_affine)
+        return np.abs((vox - vox[0]) * spacing - (points - points[0])).max()
+
+    assert grid_error(pre["affine"]) < 0.75
+    assert lm.rotation_angle_deg(truth @ pre["affine"]) < 1.0
+    # Without registration the grid is RAS in the case's own world: off by the rotation.
+    none, _ = preprocess.canonical_grid(c_aff, c_shape, (spacing,) * 3)
+    assert grid_error(none) > 5.0
+
+
+def test_template_registration_from_the_config():
+    import ml_collections
+    data = ml_collections.ConfigDict({"registration": "none", "template": ""})
+    assert intensity.template_registration(data) is None
+    data.registration = "template"
+    assert intensity.template_registration(data) == intensity.TemplateRegistration("")
+    data.registration = "training_sample"
+    with pytest.raises(CowjaxError, match="config.data.template is empty"):
+        intensity.template_registration(data)
+    data.registration = "atlas"
+    with pytest.raises(CowjaxError, match="'atlas': expected one of"):
+        intensity.template_registration(data)

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
 from typing import Callable, Iterable, TypeVar
 
 from tqdm import tqdm
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def _host_only() -> None:
+    """A worker's JAX (the registration's optimiser) runs on the CPU: on a GPU/TPU host each
+    worker would otherwise claim accelerator memory beside the training process."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def map_cases(fn: Callable[[T], R], items: Iterable[T], desc: str, progress: bool = True,
@@ -33,7 +40,8 @@ def map_cases(fn: Callable[[T], R], items: Iterable[T], desc: str, progress: boo
                 bar.update()
             return results
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                                    initializer=_host_only) as pool:
             futures = [pool.submit(fn, item) for item in items]
             try:
                 for future in concurrent.futures.as_completed(futures):

@@ -8,8 +8,6 @@ grid voxel is the source image interpolated at that voxel's world position).
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 from scipy import ndimage
 
@@ -158,6 +156,25 @@ def crop(image: np.ndarray, center_vox, crop_shape) -> tuple[np.ndarray, np.ndar
     return out, offset
 
 
+def grow_labels(labels: np.ndarray, affine: np.ndarray, radius_mm: float) -> np.ndarray:
+    """Labels [X, Y, Z] with every background voxel within ``radius_mm`` of a labelled one given
+    that voxel's class (the nearest, by the Euclidean distance transform in mm); 0: unchanged.
+
+    The training target of a network whose grid is coarse next to the arteries
+    (``config.data.segment_growth_mm``): nearest-neighbour resampling of the labels to a 2 mm grid
+    keeps a handful of voxels of a 1 mm-radius segment, or none; grown by a grid voxel first, each
+    segment is a tube the coarse network can learn ("which segment runs here"), and the lumen is
+    taken from the image at inference (``inference/segment.py``).
+    """
+    if radius_mm <= 0 or not labels.any():
+        return labels
+    zooms = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
+    distance, nearest = ndimage.distance_transform_edt(labels == 0, sampling=zooms,
+                                                       return_indices=True)
+    grown = labels[tuple(nearest)]
+    return np.where(distance <= radius_mm, grown, 0).astype(labels.dtype)
+
+
 def _attribute_arrays(attributes: dict | None):
     """On-disk attributes -> (segment_attr [20], segment_mask [20], landmark_attr [19], landmark_mask [19])."""
     seg, seg_mask = np.zeros(anatomy.NUM_SEGMENTS, np.float32), np.zeros(anatomy.NUM_SEGMENTS, np.float32)
@@ -169,32 +186,31 @@ def _attribute_arrays(attributes: dict | None):
     return seg, seg_mask, lm, lm_mask
 
 
-@functools.lru_cache(maxsize=2)
-def _template(spacing_mm: float):
-    from cowjax.registration import intensity  # jax-heavy; only when registration is asked for
-    return intensity.make_template(spacing_mm)
-
-
-def _network_grid(case: io.Case, config) -> tuple[np.ndarray, tuple[int, ...]]:
+def _network_grid(case: io.Case, config, to_template) -> tuple[np.ndarray, tuple[int, ...]]:
     """The grid the network sees: RAS-aligned in the case's world (``registration = "none"``), or
-    RAS-aligned in template space (``"template"``: rigid intensity registration, the paper's
-    preprocessing). Either way its affine maps to the case's own world coordinates, so everything
-    downstream (landmarks, predictions) stays in the original image's world frame."""
+    RAS-aligned in template space (rigid intensity registration, the paper's preprocessing:
+    ``to_template(image, affine)`` is the [4, 4] case world -> template world map). Either way its
+    affine maps to the case's own world coordinates, so everything downstream (landmarks,
+    predictions) stays in the original image's world frame."""
     kind = config.data.get("registration", "none")
-    if kind == "none":
+    if (kind == "none") != (to_template is None):
+        # The caller builds the registration from the config (registration.intensity.
+        # template_registration): the data package itself runs none.
+        raise CowjaxError(f"config.data.registration is {kind!r} but preprocess_case was given "
+                          f"{'a' if to_template is not None else 'no'} to_template function")
+    if to_template is None:
         return canonical_grid(case.affine, case.image.shape, config.data.spacing)
-    if kind != "template":
-        raise CowjaxError(f"config.data.registration {kind!r}: expected 'none' or 'template'")
-    from cowjax.registration import intensity
-    template = _template(1.0)
-    to_template = intensity.register_rigid(template.image, template.affine, case.image,
-                                           case.affine)
-    grid_t, shape = canonical_grid(to_template @ case.affine, case.image.shape, config.data.spacing)
-    return np.linalg.inv(to_template) @ grid_t, shape
+    to_t = np.asarray(to_template(case.image, case.affine), np.float64)
+    grid_t, shape = canonical_grid(to_t @ case.affine, case.image.shape, config.data.spacing)
+    return np.linalg.inv(to_t) @ grid_t, shape
 
 
-def preprocess_case(case: io.Case, config, fov: bool = True) -> dict:
+def preprocess_case(case: io.Case, config, fov: bool = True, to_template=None) -> dict:
     """A Case on its own grid -> arrays on the canonical grid at ``config.data.spacing``.
+
+    With ``config.data.registration`` other than "none", ``to_template`` (``(image [X, Y, Z],
+    affine [4, 4]) -> [4, 4]`` case world -> template world, e.g. ``registration.intensity.
+    template_registration(config.data)``) makes the grid RAS-aligned in template space instead.
 
     Keys: ``image [X, Y, Z] float32`` (normalised), ``affine [4, 4]`` (grid voxel -> world RAS),
     ``landmarks [19, 3]`` (grid voxel coords, NaN unknown), ``fov_center [3]`` (grid voxel coords of
@@ -205,7 +221,7 @@ def preprocess_case(case: io.Case, config, fov: bool = True) -> dict:
     """
     from cowjax.data import targets  # targets imports jax; keep io/preprocess light to import
 
-    grid_affine, grid_shape = _network_grid(case, config)
+    grid_affine, grid_shape = _network_grid(case, config, to_template)
     image = resample(normalise_intensity(case.image), case.affine, grid_affine, grid_shape, order=1)
     # Labels are derived and measured on the case's own (finer) grid, then resampled.
     labels = case.segments
@@ -214,8 +230,9 @@ def preprocess_case(case: io.Case, config, fov: bool = True) -> dict:
     seg_attr, seg_mask, lm_attr, lm_mask = _attribute_arrays(case.attributes)
     segments = None
     if labels is not None:
-        segments = resample(np.asarray(labels, np.uint8), case.affine, grid_affine, grid_shape,
-                            order=0)
+        grown = grow_labels(np.asarray(labels, np.uint8), case.affine,
+                            float(config.data.get("segment_growth_mm", 0.0)))
+        segments = resample(grown, case.affine, grid_affine, grid_shape, order=0)
         if seg_mask.sum() < anatomy.NUM_SEGMENTS:
             d_seg, d_seg_mask, d_lm, d_lm_mask = targets.derive_attributes(labels, case.affine,
                                                                            case.landmarks)

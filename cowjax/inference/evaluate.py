@@ -1,9 +1,11 @@
 """``--mode=eval``: predict every case with ground truth, score it, write the report and figures.
 
 Per run, under ``RUN/eval/<name>/`` (name: the data directory's basename, or "test" for the run's
-own test split from ``RUN/split.json``): ``report.json``, ``report.md``, ``landmark_errors.png`` and
-``mip_<case>.png`` for a few cases; with several runs also ``comparison.png`` in the first run's
-folder. Only landmarks with ground truth count; the report says how many.
+own test split from ``RUN/split.json``): ``report.json``, ``report.md``, ``landmark_errors.png``,
+and for a few cases ``mip_<case>.png`` (landmarks) and ``segments_<case>.png`` (the predicted labels
+in colour beside the truth); with several runs also ``comparison.png`` in the first run's folder.
+Only landmarks with ground truth count; the report says how many. Dice is measured on each image's
+own grid, against its ``segments.nii.gz``.
 """
 
 from __future__ import annotations
@@ -41,15 +43,19 @@ def score_case(predictor: Predictor, case: io.Case) -> dict:
     lm_true, lm_known = _truth_attributes(case, "landmarks", anatomy.LANDMARKS)
     variable = anatomy.VARIABLE_SEGMENT_MASK
     complete = bool(seg_true[variable].all()) if seg_known[variable].all() else None
+    unknown = np.full(anatomy.NUM_SEGMENTS, np.nan)
     dice = (metrics.dice(pred.segmentation, case.segments, anatomy.NUM_CLASSES)
-            if case.segments is not None else np.full(anatomy.NUM_SEGMENTS, np.nan))
+            if case.segments is not None else unknown)
+    head_dice = (metrics.dice(pred.head_segmentation, case.segments, anatomy.NUM_CLASSES)
+                 if case.segments is not None else unknown)
     return {
         "case_id": case.case_id, "seconds": seconds, "complete": complete,
         "errors_mm": metrics.landmark_errors(pred.landmarks, case.landmarks),
-        "dice": dice,
+        "dice": dice, "head_dice": head_dice,
         "segment_attr": (pred.present_prob > 0.5, seg_true, seg_known),
         "landmark_attr": (pred.bifurcation_prob > 0.5, lm_true, lm_known),
         "pred_landmarks": pred.landmarks, "confidence": pred.confidence,
+        "segmentation": pred.segmentation,
     }
 
 
@@ -64,6 +70,7 @@ def summarize(records: list[dict]) -> dict:
         return {"num_cases": 0}
     err = np.stack([r["errors_mm"] for r in records])            # [N, 19]
     dice = np.stack([r["dice"] for r in records])                 # [N, 20]
+    head_dice = np.stack([r["head_dice"] for r in records])
     out = {"num_cases": len(records),
            "num_landmarks": int(np.isfinite(err).sum()),
            "mre_mm": _nan_to_none(metrics.mre(err)),
@@ -77,12 +84,22 @@ def summarize(records: list[dict]) -> dict:
            "num_cases_with_segments": int(np.isfinite(dice).any(axis=1).sum()),
            "dice_mean": _nan_to_none(np.nanmean(dice)) if np.isfinite(dice).any() else None,
            "dice_per_segment": {n: _nan_to_none(v) for n, v in zip(
-               anatomy.SEGMENTS, metrics.mre(dice, axis=0))},  # mre = NaN-ignoring mean
+               anatomy.SEGMENTS, metrics.mre(dice, axis=0))},  # NaN-ignoring mean
+           "head_dice_mean": (_nan_to_none(np.nanmean(head_dice)) if np.isfinite(head_dice).any()
+                              else None),
+           "head_dice_per_segment": {n: _nan_to_none(v) for n, v in zip(
+               anatomy.SEGMENTS, metrics.mre(head_dice, axis=0))},
            "seconds_per_case": float(np.mean([r["seconds"] for r in records]))}
+    variable = {"segment_attr": anatomy.VARIABLE_SEGMENT_MASK,
+                "landmark_attr": anatomy.VARIABLE_LANDMARK_MASK}
     for key in ("segment_attr", "landmark_attr"):
         pred, true, known = (np.stack([r[key][i] for r in records]) for i in range(3))
         out[f"{key}_accuracy"] = _nan_to_none(metrics.accuracy(pred, true, known))
         out[f"{key}_count"] = int(known.sum())
+        # The entries variation can change (the 7 variable segments, the landmarks they end at);
+        # the others are always true and a constant answer gets them right.
+        known_variable = known & variable[key]
+        out[f"variable_{key}_accuracy"] = _nan_to_none(metrics.accuracy(pred, true, known_variable))
     return out
 
 
@@ -113,10 +130,16 @@ def markdown(run: str, data_name: str, report: dict) -> str:
     rows += [(f"SDR {r} mm (%)", lambda g, r=r: _fmt((g.get("sdr") or {}).get(str(r)), 100, 1))
              for r in metrics.SDR_RADII_MM]
     rows += [("Dice, mean over segments", lambda g: _fmt(g.get("dice_mean"), 1, 3)),
+             ("  the segmentation head's own labelling",
+              lambda g: _fmt(g.get("head_dice_mean"), 1, 3)),
              ("segment presence accuracy (%)",
               lambda g: _fmt(g.get("segment_attr_accuracy"), 100, 1)),
+             ("  of the 7 variable segments (%)",
+              lambda g: _fmt(g.get("variable_segment_attr_accuracy"), 100, 1)),
              ("landmark bifurcation accuracy (%)",
               lambda g: _fmt(g.get("landmark_attr_accuracy"), 100, 1)),
+             ("  of the 9 landmarks variation can change (%)",
+              lambda g: _fmt(g.get("variable_landmark_attr_accuracy"), 100, 1)),
              ("seconds per case", lambda g: _fmt(g.get("seconds_per_case")))]
     for label, f in rows:
         lines.append(f"| {label} | " + " | ".join(f(groups[k]) for k in GROUPS) + " |")
@@ -125,9 +148,13 @@ def markdown(run: str, data_name: str, report: dict) -> str:
     for n in anatomy.LANDMARKS:
         lines.append(f"| {n} | {_fmt(overall['per_landmark_mre_mm'][n])} | "
                      f"{overall['per_landmark_count'][n]} |")
-    lines += ["", "## Dice per segment (all cases)", "", "| segment | Dice |", "|---|---|"]
+    lines += ["", "## Dice per segment (all cases)", "",
+              "On the image's own grid. Written labelling: the image's lumen labelled by the "
+              "predicted landmarks; head: the same lumen labelled by the network's segmentation "
+              "head.", "", "| segment | Dice | head |", "|---|---|---|"]
     for n in anatomy.SEGMENTS:
-        lines.append(f"| {n} | {_fmt(overall['dice_per_segment'][n], 1, 3)} |")
+        lines.append(f"| {n} | {_fmt(overall['dice_per_segment'][n], 1, 3)} | "
+                     f"{_fmt(overall['head_dice_per_segment'][n], 1, 3)} |")
     lines += ["", "## Figures", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in report["figures"]]
     return "\n".join(lines) + "\n"
 
@@ -166,23 +193,38 @@ def _case_dirs(workdir: Path, data_dir) -> tuple[str, list[Path]]:
     return "test", [root / d for d in test]
 
 
-def _mip_figure(path, case: io.Case, record: dict) -> Path:
-    """MIP of the case on a RAS-aligned grid at its finest spacing, true and predicted landmarks."""
+def _mip_figures(out_dir: Path, case: io.Case, record: dict) -> list[Path]:
+    """MIPs of the case on a RAS-aligned grid at its finest spacing: true and predicted landmarks
+    (``mip_<case>.png``) and, where the case has segment labels, the true and predicted labelling
+    in colour (``segments_<case>.png``)."""
     spacing = float(np.min(np.linalg.norm(case.affine[:3, :3], axis=0)))
     grid_affine, grid_shape = preprocess.canonical_grid(case.affine, case.image.shape, (spacing,) * 3)
     image = preprocess.resample(case.image, case.affine, grid_affine, grid_shape, order=1)
     mre = metrics.mre(record["errors_mm"])
-    return figures.landmark_mips(path, image, grid_affine, case.landmarks, record["pred_landmarks"],
-                                 f"{case.case_id}: MRE {float(mre):.2f} mm")
+    paths = [figures.landmark_mips(out_dir / f"mip_{case.case_id}.png", image, grid_affine,
+                                   case.landmarks, record["pred_landmarks"],
+                                   f"{case.case_id}: MRE {float(mre):.2f} mm")]
+    if case.segments is not None and record.get("segmentation") is not None:
+        rows = {name: preprocess.resample(np.asarray(labels, np.uint8), case.affine, grid_affine,
+                                          grid_shape, order=0)
+                for name, labels in (("truth", case.segments),
+                                     ("predicted", record["segmentation"]))}
+        paths.append(figures.segment_mips(
+            out_dir / f"segments_{case.case_id}.png", image, grid_affine, rows,
+            f"{case.case_id}: Dice {float(np.nanmean(record['dice'])):.3f} (mean over segments)"))
+    return paths
 
 
 def _decode_description(predictor: Predictor) -> str:
-    text = f"{predictor.kind} heatmaps, {decode.DEFAULT_METHOD} sub-voxel fit"
+    method = predictor.decode_method
+    text = f"{predictor.kind} heatmaps, " + ("argmax" if method == "argmax"
+                                              else f"argmax and {method} sub-voxel fit")
+    text += "; test-time mirror image" if predictor.flip else "; no test-time augmentation"
     if predictor.refiner is not None:
         r = predictor.refiner
         text += (f"; refinement stage: {'x'.join(map(str, r.config.data.crop_shape))} patches at "
                  f"{'x'.join(f'{s:g}' for s in r.config.data.spacing)} mm, prior sigma "
-                 f"{r.prior_sigma_mm:g} mm")
+                 f"{r.prior_sigma_mm:g} mm, {len(r.shifts_mm)} patch position(s) averaged")
     return text
 
 
@@ -192,8 +234,12 @@ def _json_default(v):
     raise TypeError(type(v))
 
 
-def evaluate_run(workdir, data_dir=None) -> tuple[dict, dict, Path]:
-    """Evaluate one run: (report dict, per-landmark errors [N, 19], output folder)."""
+def evaluate_run(workdir, data_dir=None, tta: bool = True,
+                 decode_method: str = decode.DEFAULT_METHOD,
+                 refine: bool = True) -> tuple[dict, dict, Path]:
+    """Evaluate one run: (report dict, per-landmark errors [N, 19], output folder). ``tta``,
+    ``decode_method`` and ``refine`` as ``Predictor.from_workdir`` (False, "argmax", False: scored
+    as the paper did)."""
     workdir = Path(workdir)
     name, case_dirs = _case_dirs(workdir, data_dir)
     # Only cases with ground truth are scored (a folder may hold just an image).
@@ -201,7 +247,8 @@ def evaluate_run(workdir, data_dir=None) -> tuple[dict, dict, Path]:
     if not scored:
         raise CowjaxError(f"{data_dir or workdir / 'split.json'}: no case has a landmark file "
                           f"({', '.join(io.LANDMARK_FILES)}) to evaluate against")
-    predictor = Predictor.from_workdir(workdir)
+    predictor = Predictor.from_workdir(workdir, refine=refine, tta=tta,
+                                       decode_method=decode_method)
     out_dir = workdir / "eval" / name
     out_dir.mkdir(parents=True, exist_ok=True)
     records, figs = [], []
@@ -209,7 +256,8 @@ def evaluate_run(workdir, data_dir=None) -> tuple[dict, dict, Path]:
         case = io.load_case(d)
         records.append(score_case(predictor, case))
         if i < NUM_MIP_CASES:
-            figs.append(_mip_figure(out_dir / f"mip_{case.case_id}.png", case, records[-1]))
+            figs += _mip_figures(out_dir, case, records[-1])
+        records[-1].pop("segmentation", None)  # a volume per case: keep only the scores
     errors = np.stack([r["errors_mm"] for r in records])
     figs.insert(0, figures.landmark_error_bars(out_dir / "landmark_errors.png",
                                                {workdir.name: errors}))
@@ -228,7 +276,8 @@ def evaluate_run(workdir, data_dir=None) -> tuple[dict, dict, Path]:
     return report, errors, out_dir
 
 
-def run_eval(workdirs, data_dir=None) -> dict[str, dict]:
+def run_eval(workdirs, data_dir=None, tta: bool = True,
+             decode_method: str = decode.DEFAULT_METHOD, refine: bool = True) -> dict[str, dict]:
     """Evaluate each run on ``data_dir`` (cases with ground truth) or, when None, on its own test
     split; print the summaries and where the reports are. Returns {workdir: report}."""
     names = [Path(w).name for w in workdirs]
@@ -236,7 +285,7 @@ def run_eval(workdirs, data_dir=None) -> dict[str, dict]:
         names = [str(w) for w in workdirs]
     reports, errors, dirs = {}, {}, []
     for w, name in zip(workdirs, names):
-        report, errors[name], out_dir = evaluate_run(w, data_dir)
+        report, errors[name], out_dir = evaluate_run(w, data_dir, tta, decode_method, refine)
         reports[str(w)] = report
         dirs.append(out_dir)
         g = report["groups"]["all"]
@@ -244,7 +293,8 @@ def run_eval(workdirs, data_dir=None) -> dict[str, dict]:
         print(f"{w}: {g['num_cases']} cases, {g['num_landmarks']} landmarks with ground truth: "
               f"MRE {_fmt(g['mre_mm'])} mm (median {_fmt(g['median_mm'])}), SDR {sdr}, "
               f"Dice {_fmt(g['dice_mean'], 1, 3)}, segment presence acc "
-              f"{_fmt(g['segment_attr_accuracy'], 100, 1)}%, bifurcation acc "
+              f"{_fmt(g['segment_attr_accuracy'], 100, 1)}% (variable segments "
+              f"{_fmt(g['variable_segment_attr_accuracy'], 100, 1)}%), bifurcation acc "
               f"{_fmt(g['landmark_attr_accuracy'], 100, 1)}%")
         print(f"  report: {out_dir / 'report.md'} (figures in {out_dir})")
     if len(workdirs) > 1:

@@ -9,7 +9,9 @@ is placed as some training crop was). Their outputs are blended with Gaussian we
 each window's centre) before decoding, and the decoded voxel coordinates go back to the image's world
 exactly through the grid affine. The attribute heads are read from the central window. A run with
 a refinement stage (``<workdir>/refine``) then moves each landmark to its re-detection in a finer
-patch around it (``Refiner``).
+patch around it (``Refiner``). Segment labels, when asked for, are written on the image's own grid:
+the lumen from the image at its resolution, the class from the network's blended probabilities
+(``segment``).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from tqdm import tqdm
 from cowjax import anatomy, devices
 from cowjax.data import io, preprocess
 from cowjax.errors import CowjaxError, atomic_output
-from cowjax.inference import decode
+from cowjax.inference import decode, segment
 from cowjax.model import unet
+from cowjax.registration import intensity
 
 OUTPUT_SUFFIXES = (".mrk.json", ".json", ".csv")
 # Gaussian blending: sigma as a fraction of the window (as nnU-Net's sliding windows).
@@ -40,12 +43,15 @@ _BLEND_SIGMA = 1 / 8
 class Prediction:
     """One image's prediction. landmarks: [19, 3] world RAS mm; confidence: [19] (peak height, or
     softmax mass for softmax-trained heatmaps); bifurcation_prob: [19]; present_prob: [20];
-    segmentation: None or [X, Y, Z] uint8 labels 0..20 on the input image's grid."""
+    segmentation: None or [X, Y, Z] uint8 labels 0..20 on the input image's grid (the lumen
+    labelled by the predicted landmarks); head_segmentation: the same lumen labelled by the
+    network's segmentation head (``segment``)."""
     landmarks: np.ndarray
     confidence: np.ndarray
     bifurcation_prob: np.ndarray
     present_prob: np.ndarray
     segmentation: np.ndarray | None = None
+    head_segmentation: np.ndarray | None = None
 
 
 def _window_starts(center, size, window, step, align):
@@ -98,8 +104,8 @@ def _apply(model, kind, params, images):
         b, *_, c = heat.shape
         heat = jax.nn.log_softmax(heat.reshape(b, -1, c), axis=1).reshape(heat.shape)
     seg = out["segmentation"]
-    for axis in (1, 2, 3):  # half-resolution segmentation: nearest-upsample the logits
-        seg = jnp.repeat(seg, images.shape[axis] // seg.shape[axis], axis=axis)
+    if seg.shape[1:4] != images.shape[1:4]:  # half-resolution segmentation: upsample the logits
+        seg = jax.image.resize(seg, images.shape[:4] + seg.shape[-1:], "linear")
     return {"heatmaps": heat, "segmentation": seg,
             "bifurcation_prob": jax.nn.sigmoid(out["landmark_attr"]),
             "present_prob": jax.nn.sigmoid(out["segment_attr"])}
@@ -117,8 +123,8 @@ def _cut_windows(volume, starts, window) -> np.ndarray:
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _refine_coords(model, params, patches, channels, centres, sigma_vox):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _refine_coords(model, method, params, patches, channels, centres, sigma_vox):
     """Patches [B, X, Y, Z, 1] -> the refined voxel coordinates [B, 3] of landmark ``channels [B]``,
     each patch's logits plus the log of a Gaussian prior (``sigma_vox [3]``) around its first
     estimate ``centres [B, 3]`` (patch voxels)."""
@@ -128,7 +134,19 @@ def _refine_coords(model, params, patches, channels, centres, sigma_vox):
                                   indexing="ij"), axis=-1)                      # [X, Y, Z, 3]
     z = (grid[None] - centres[:, None, None, None]) / sigma_vox
     log_prior = -0.5 * jnp.sum(z * z, axis=-1, keepdims=True)
-    return decode.decode_heatmaps(logits + log_prior, kind="logits")[0][:, 0]
+    return decode.decode_heatmaps(logits + log_prior, refine=method, kind="logits")[0][:, 0]
+
+
+def _with_template(config, params, workdir):
+    """(config, params) with ``data.template`` pointing into ``workdir`` when the recorded path is
+    gone (a run moved or copied elsewhere keeps its ``template.nii.gz``)."""
+    from cowjax.data import pipeline
+    template = config.data.get("template", "")
+    moved = pipeline.template_path(workdir)
+    if template and not Path(template).is_file() and moved.is_file():
+        config = config.copy_and_resolve_references()
+        config.data.template = str(moved.resolve())
+    return config, params
 
 
 class Refiner:
@@ -142,12 +160,14 @@ class Refiner:
     With ``tta_shift_mm`` (test-time augmentation) the same is done with the estimate moved by
     +-shift along each axis, patch and prior together, and the seven results are averaged.
     config: the refinement stage's own config (``config_defaults.refine_config``); the two
-    keywords default to its ``refine`` group.
+    keywords default to its ``refine`` group. decode_method: how each refined heatmap is read
+    (``decode.METHODS``).
     """
 
     def __init__(self, config, params, prior_sigma_mm: float | None = None,
-                 tta_shift_mm: float | None = None):
+                 tta_shift_mm: float | None = None, decode_method: str = decode.DEFAULT_METHOD):
         self.config = config
+        self.decode_method = decode_method
         self.window = np.array(config.data.crop_shape)
         self.model = unet.build_model(config)
         self.mesh = devices.data_mesh(devices.window_batch(), local=True)
@@ -165,7 +185,9 @@ class Refiner:
         """image [X, Y, Z], affine [4, 4], first estimates [19, 3] world RAS mm -> refined [19, 3]."""
         case = io.Case("refine", np.asarray(image, np.float32), np.asarray(affine, np.float64),
                        np.full((anatomy.NUM_LANDMARKS, 3), np.nan))
-        prep = preprocess.preprocess_case(case, self.config, fov=False)
+        prep = preprocess.preprocess_case(case, self.config, fov=False,
+                                          to_template=intensity.template_registration(
+                                              self.config.data))
         volume, grid_affine = prep["image"], prep["affine"]
         n = anatomy.NUM_LANDMARKS
         shifts_vox = self.shifts_mm / np.asarray(self.config.data.spacing, np.float64)
@@ -183,7 +205,8 @@ class Refiner:
             patches[:n] = cut[j]
             prior = np.zeros((batch, 3), np.float32)
             prior[:n] = centres[j] - starts[j]
-            c = _refine_coords(self.model, self.params, jax.device_put(patches, split), channels,
+            c = _refine_coords(self.model, self.decode_method, self.params,
+                               jax.device_put(patches, split), channels,
                                jax.device_put(prior, split), self.sigma_vox)
             coords[j] = np.asarray(c, np.float64)[:n] + starts[j]
         return preprocess.voxel_to_world(coords.mean(axis=0), grid_affine)
@@ -199,13 +222,18 @@ class Predictor:
       training's random crop translation. 0: the central window only.
     flip: also predict on the left-right mirror image and average (test-time augmentation).
     refiner: a ``Refiner`` that moves each landmark found to its refined position, or None.
+    decode_method: how the heatmaps are read (``decode.METHODS``: "argmax" as the paper, or the
+      default sub-voxel fit).
     """
 
     def __init__(self, config, params, batch_size: int | None = None,
                  margin_mm: float | None = None, flip: bool = True,
-                 refiner: Refiner | None = None):
+                 refiner: Refiner | None = None, decode_method: str = decode.DEFAULT_METHOD):
+        if decode_method not in decode.METHODS:
+            raise CowjaxError(f"decode {decode_method!r}: expected one of {decode.METHODS}")
         self.config = config
         self.flip = flip
+        self.decode_method = decode_method
         self.refiner = refiner
         self.batch_size = batch_size or devices.window_batch()
         self.mesh = devices.data_mesh(self.batch_size, local=True)
@@ -221,18 +249,25 @@ class Predictor:
             self.step = np.maximum(self.step, self.stride)
         self.model = unet.build_model(config)
         self._forward = functools.partial(_apply, self.model, self.kind)
+        # The run's registration (None without): images go onto the grid training used.
+        self.to_template = intensity.template_registration(config.data)
 
     @classmethod
-    def from_workdir(cls, workdir, refine: bool = True, **kwargs) -> "Predictor":
+    def from_workdir(cls, workdir, refine: bool = True, tta: bool = True,
+                     decode_method: str = decode.DEFAULT_METHOD, **kwargs) -> "Predictor":
         """The run's best checkpoint (``checkpoint.load_for_inference``); CowjaxError if none. With
-        ``refine``, the refinement stage's too where the run has one (``<workdir>/refine``)."""
+        ``refine``, the refinement stage's too where the run has one (``<workdir>/refine``).
+        ``tta=False`` turns test-time augmentation off (no mirror image, no shifted refinement
+        patches); with ``decode_method="argmax"`` too, a run is scored as the paper did."""
         from cowjax.training import checkpoint
-        config, params = checkpoint.load_for_inference(workdir)
+        config, params = _with_template(*checkpoint.load_for_inference(workdir), workdir)
         refiner = None
         refine_dir = Path(workdir) / checkpoint.REFINE_DIR
         if refine and checkpoint.has_checkpoint(refine_dir):
-            refiner = Refiner(*checkpoint.load_for_inference(refine_dir))
-        return cls(config, params, refiner=refiner, **kwargs)
+            refiner = Refiner(*_with_template(*checkpoint.load_for_inference(refine_dir), workdir),
+                              tta_shift_mm=None if tta else 0.0, decode_method=decode_method)
+        return cls(config, params, refiner=refiner, flip=tta, decode_method=decode_method,
+                   **kwargs)
 
     def _window_outputs(self, volume, starts, keys):
         """Yield (window index, {key: output}) for each window start [3] of ``volume`` (zero
@@ -255,7 +290,8 @@ class Predictor:
                                 // self.stride)
         coords, scores = np.zeros((len(starts), anatomy.NUM_LANDMARKS, 3)), np.zeros(len(starts))
         for i, out in self._window_outputs(volume, starts, ["heatmaps"]):
-            c, conf = decode.decode_heatmaps(out["heatmaps"][None], stride=self.stride,
+            c, conf = decode.decode_heatmaps(out["heatmaps"][None], self.decode_method,
+                                             stride=self.stride,
                                              kind=self.kind)
             coords[i] = np.asarray(c[0]) + starts[i]
             scores[i] = float(np.mean(conf))
@@ -290,23 +326,30 @@ class Predictor:
         With ``flip`` (test-time augmentation) the image is also seen mirrored left-right: the same
         voxels with the world's x negated, so the network meets a mirror image of the patient; its
         landmarks are mirrored back (x negated, _R and _L channels swapped) and averaged in."""
-        pred = self._predict_once(image, affine, segmentation)
-        if not self.flip:
-            return pred
-        mirror = np.diag([-1.0, 1.0, 1.0, 1.0])
-        m = self._predict_once(image, mirror @ np.asarray(affine, np.float64), False)
-        lm, seg_idx = anatomy.MIRROR_LANDMARKS, anatomy.MIRROR_SEGMENTS
-        return dataclasses.replace(
-            pred, landmarks=(pred.landmarks + m.landmarks[lm] * [-1.0, 1.0, 1.0]) / 2,
-            confidence=(pred.confidence + m.confidence[lm]) / 2,
-            bifurcation_prob=(pred.bifurcation_prob + m.bifurcation_prob[lm]) / 2,
-            present_prob=(pred.present_prob + m.present_prob[seg_idx]) / 2)
+        pred, lumen = self._predict_once(image, affine, segmentation)
+        if self.flip:
+            mirror = np.diag([-1.0, 1.0, 1.0, 1.0])
+            m, _ = self._predict_once(image, mirror @ np.asarray(affine, np.float64), False)
+            lm, seg_idx = anatomy.MIRROR_LANDMARKS, anatomy.MIRROR_SEGMENTS
+            pred = dataclasses.replace(
+                pred, landmarks=(pred.landmarks + m.landmarks[lm] * [-1.0, 1.0, 1.0]) / 2,
+                confidence=(pred.confidence + m.confidence[lm]) / 2,
+                bifurcation_prob=(pred.bifurcation_prob + m.bifurcation_prob[lm]) / 2,
+                present_prob=(pred.present_prob + m.present_prob[seg_idx]) / 2)
+        if segmentation:
+            # The lumen labelled by the final landmarks (``segment``).
+            pred.segmentation = segment.label_by_landmarks(lumen, np.asarray(affine, np.float64),
+                                                           pred.landmarks)
+        return pred
 
-    def _predict_once(self, image, affine, segmentation: bool) -> Prediction:
+    def _predict_once(self, image, affine,
+                      segmentation: bool) -> tuple[Prediction, np.ndarray | None]:
+        """One pass of the network (and the refiner) -> (prediction without the landmark-labelled
+        segmentation, the image's lumen mask or None)."""
         image = np.asarray(image, np.float32)
         case = io.Case("predict", image, np.asarray(affine, np.float64),
                        np.full((anatomy.NUM_LANDMARKS, 3), np.nan))
-        prep = preprocess.preprocess_case(case, self.config)
+        prep = preprocess.preprocess_case(case, self.config, to_template=self.to_template)
         volume, grid_affine = prep["image"], prep["affine"]
         center = self.locate(volume, prep["fov_center"])
         per_axis = [_window_starts(c, n, w, st, self.stride) for c, n, w, st in
@@ -332,25 +375,28 @@ class Predictor:
         inside = functools.reduce(np.multiply.outer, [(c >= -0.5) & (c <= n - 0.5) for c, n in
                                                       zip(centres, volume.shape)])
         heatmaps = np.where(inside[..., None], heatmaps, heatmaps.min())
-        coords, confidence = decode.decode_heatmaps(heatmaps[None], stride=s, kind=self.kind)
+        coords, confidence = decode.decode_heatmaps(heatmaps[None], self.decode_method, stride=s,
+                                                    kind=self.kind)
         landmarks = preprocess.voxel_to_world(np.asarray(coords[0], np.float64) + origin, grid_affine)
         if self.refiner is not None:
             landmarks = self.refiner.refine(image, affine, landmarks)
 
-        labels = None
+        lumen = head_labels = None
         if seg is not None:
-            grid_labels = np.zeros(volume.shape, np.uint8)
-            # The region may stick out of the volume (padding): keep the part inside.
-            shape = volume.shape
-            src = tuple(slice(max(0, -o), min(r, n - o)) for o, r, n in zip(origin, region, shape))
-            dst = tuple(slice(max(0, o), min(o + r, n)) for o, r, n in zip(origin, region, shape))
-            grid_labels[dst] = np.argmax(seg.result()[src], axis=-1).astype(np.uint8)
-            labels = preprocess.resample(grid_labels, grid_affine, case.affine, image.shape,
-                                         order=0).astype(np.uint8)
+            # The lumen from the image, labelled here by the segmentation head (its class
+            # probabilities over the region, which may stick out of the volume, on a grid of their
+            # own) and by ``predict`` with the final landmarks.
+            lumen = segment.vessel_mask(image, case.affine)
+            logits = seg.result()
+            prob = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            prob /= prob.sum(axis=-1, keepdims=True)
+            region_affine = grid_affine.copy()
+            region_affine[:3, 3] = preprocess.voxel_to_world(origin, grid_affine)
+            head_labels = segment.label_lumen(lumen, case.affine, prob, region_affine)
         return Prediction(landmarks=landmarks, confidence=np.asarray(confidence[0], np.float64),
                           bifurcation_prob=attributes["bifurcation_prob"].astype(np.float64),
                           present_prob=attributes["present_prob"].astype(np.float64),
-                          segmentation=labels)
+                          head_segmentation=head_labels), lumen
 
 
 # ------------------------------------------------------------------------------------ run_predict
@@ -402,7 +448,8 @@ def _image_stem(path: Path) -> str:
     return path.name.removesuffix(".gz").removesuffix(".nii")
 
 
-def run_predict(workdir, input, output, save_segmentation: bool = False) -> list[Path]:
+def run_predict(workdir, input, output, save_segmentation: bool = False, tta: bool = True,
+                decode_method: str = decode.DEFAULT_METHOD, refine: bool = True) -> list[Path]:
     """Predict landmarks for one image (``output`` is a file: .mrk.json, .json or .csv) or a directory
     of cases / NIfTI images (``output`` is a directory: ``<case>.mrk.json`` and ``<case>.json`` each).
 
@@ -422,7 +469,8 @@ def run_predict(workdir, input, output, save_segmentation: bool = False) -> list
         if not output.parent.is_dir():
             raise CowjaxError(f"{output}: parent directory {output.parent} does not exist")
     items = _inputs(input_path)
-    predictor = Predictor.from_workdir(workdir)
+    predictor = Predictor.from_workdir(workdir, refine=refine, tta=tta,
+                                       decode_method=decode_method)
     if not single:
         output.mkdir(exist_ok=True)
     written = []

@@ -340,6 +340,54 @@ def make_template(spacing_mm: float = 1.0, margin_mm: float = 12.0):
                 landmarks=anatomy.TEMPLATE_LANDMARKS.copy())
 
 
+REGISTRATIONS = ("none", "template", "training_sample")
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateRegistration:
+    """The ``to_template`` that ``preprocess.preprocess_case`` takes: ``(image [X, Y, Z], affine
+    [4, 4]) -> [4, 4]`` rigid image world -> template world RAS mm (``register_rigid``).
+
+    template: a NIfTI path (``"training_sample"``: a training case's image), or "" for the rendered
+    anatomy template (``"template"``). Picklable, as preprocessing runs in spawned processes; each
+    process reads the template once.
+    """
+    template: str = ""
+    levels_mm: tuple = DEFAULT_LEVELS_MM
+    steps: tuple = DEFAULT_STEPS
+
+    def __call__(self, image: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        fixed, fixed_affine = _template_volume(self.template)
+        return register_rigid(fixed, fixed_affine, image, affine, levels_mm=self.levels_mm,
+                              steps=self.steps)
+
+
+@functools.lru_cache(maxsize=2)
+def _template_volume(path: str) -> tuple[np.ndarray, np.ndarray]:
+    if not path:
+        return render_template(1.0)
+    from cowjax.data import io
+    return io.load_image(path)
+
+
+def template_registration(data_config) -> TemplateRegistration | None:
+    """The registration ``config.data.registration`` asks for, as the ``to_template`` function that
+    preprocessing takes (None for "none"): the caller (training, prediction) injects it, so the data
+    package needs no registration code."""
+    kind = data_config.get("registration", "none")
+    if kind not in REGISTRATIONS:
+        raise CowjaxError(f"config.data.registration {kind!r}: expected one of {REGISTRATIONS}")
+    if kind == "none":
+        return None
+    if kind == "template":
+        return TemplateRegistration("")
+    template = data_config.get("template", "")
+    if not template:
+        raise CowjaxError("config.data.registration 'training_sample': config.data.template is "
+                          "empty (a training run sets it to <workdir>/template.nii.gz)")
+    return TemplateRegistration(str(template))
+
+
 def align_case_to_template(case, template, **kwargs):
     """The case with its world frame moved into template space by rigid registration.
 

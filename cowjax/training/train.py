@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import signal
 import threading
 import time
@@ -188,8 +189,12 @@ def check_config(config) -> None:
     if config.train.nonfinite not in ("stop", "skip"):
         raise CowjaxError(f"config.train.nonfinite: unknown {config.train.nonfinite!r}; "
                           "'stop' or 'skip'")
+    if config.get("num_epochs", 0) < 0:
+        raise CowjaxError(f"config.num_epochs={config.num_epochs} must be 0 (count steps) or more")
     for name in ("num_train_steps", "checkpoint_every_steps", "eval_every_steps",
                  "log_every_steps"):
+        if name == "num_train_steps" and config.get("num_epochs", 0) > 0:
+            continue                      # resolved from the split (resolve_config)
         if config[name] < 1:
             raise CowjaxError(f"config.{name}={config[name]} must be at least 1")
     devices.steps_per_call(config.train.steps_per_call)   # raises on a negative value
@@ -310,31 +315,50 @@ def run_training(config, workdir, model, train_iter, val_examples, desc: str = "
     return summary
 
 
+def resolve_config(config, workdir, splits: dict):
+    """The run's config with what its split decides filled in (what config.json saves and
+    training uses): ``num_train_steps`` = ceil(num_epochs * training cases / batch_size) when
+    ``config.num_epochs`` > 0, and ``data.template`` = the template image ``prepare_data`` copied
+    into the workdir when ``data.registration == "training_sample"``. Returns a new config."""
+    from cowjax.data import pipeline
+    config = config.copy_and_resolve_references()
+    if config.get("num_epochs", 0) > 0:
+        config.num_train_steps = math.ceil(config.num_epochs * len(splits["train"])
+                                           / config.batch_size)
+    if config.data.get("registration", "none") == "training_sample":
+        config.data.template = str(pipeline.template_path(workdir).resolve())
+    return config
+
+
 def train_and_evaluate(config, workdir) -> dict:
     """Prepare the data, build the model, train (resuming if the workdir has a checkpoint); then,
     with ``config.refine.num_train_steps``, the refinement stage in ``<workdir>/refine`` on the same
     split. Returns the first stage's summary, with the refinement's under "refine"."""
     from cowjax.config_defaults import refine_config
+    from cowjax.data import pipeline
     if config.train.distributed:
         jax.distributed.initialize()
     check_config(config)      # before any data is made or written (run_training checks each stage)
     workdir = Path(workdir)
-    summary = _train_stage(config, workdir, workdir, "train")
+    splits = pipeline.prepare_data(config, workdir)
+    config = resolve_config(config, workdir, splits)
+    summary = _train_stage(config, workdir, workdir, splits, "train")
     if config.refine.num_train_steps > 0:
         summary["refine"] = _train_stage(refine_config(config), workdir / ckpt.REFINE_DIR, workdir,
-                                         "refine")
+                                         splits, "refine")
     return summary
 
 
-def _train_stage(config, stage_dir: Path, workdir: Path, desc: str) -> dict:
+def _train_stage(config, stage_dir: Path, workdir: Path, splits: dict, desc: str) -> dict:
     from cowjax.data import pipeline
     from cowjax.model import unet
+    from cowjax.registration import intensity
     stage_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, stage_dir)
-    splits = pipeline.prepare_data(config, workdir)
     # Preprocessed cases are keyed by case path and spacing, so runs side by side share the cache.
     cache_dir = workdir.resolve().parent / "cache"
-    train_iter = pipeline.train_loader(config, splits["train"], cache_dir)
-    val_examples = pipeline.eval_examples(config, splits["val"], cache_dir)
+    to_template = intensity.template_registration(config.data)   # None without registration
+    train_iter = pipeline.train_loader(config, splits["train"], cache_dir, to_template)
+    val_examples = pipeline.eval_examples(config, splits["val"], cache_dir, to_template)
     return run_training(config, stage_dir, unet.build_model(config), train_iter, val_examples,
                         desc)
