@@ -28,7 +28,10 @@ def test_paper_ablations_switch_the_auxiliary_tasks(arg):
 @pytest.mark.parametrize("arg", ["heatmap_only", "seg", "seg_attr"])
 def test_demo_offers_the_same_ablations_at_cpu_size(arg):
     c, p = demo.get_config(arg), paper.get_config(arg)
-    assert c.loss.to_dict() == p.loss.to_dict() | {"heatmap": c.loss.heatmap}
+    # The same terms on and off; the demo's loss kinds (heatmap, segmentation) are its own
+    # (README, "Deviations from the paper").
+    weights = lambda loss: {k: v for k, v in loss.items() if k.startswith("w_")}  # noqa: E731
+    assert weights(c.loss) == weights(p.loss)
     assert demo.get_config("").loss.w_consistency > 0
 
 
