@@ -25,6 +25,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import special
 from tqdm import tqdm
 
 from cowjax import anatomy, devices
@@ -387,9 +388,7 @@ class Predictor:
             # probabilities over the region, which may stick out of the volume, on a grid of their
             # own) and by ``predict`` with the final landmarks.
             lumen = segment.vessel_mask(image, case.affine)
-            logits = seg.result()
-            prob = np.exp(logits - logits.max(axis=-1, keepdims=True))
-            prob /= prob.sum(axis=-1, keepdims=True)
+            prob = special.softmax(seg.result(), axis=-1)
             region_affine = grid_affine.copy()
             region_affine[:3, 3] = preprocess.voxel_to_world(origin, grid_affine)
             head_labels = segment.label_lumen(lumen, case.affine, prob, region_affine)
