@@ -37,7 +37,8 @@ from scipy import stats
 
 from cowjax import config_defaults
 from cowjax.errors import CowjaxError, atomic_output
-from cowjax.inference import evaluate, figures, metrics
+from cowjax import figures, metrics
+from cowjax.inference import evaluate
 from cowjax.training import checkpoint as ckpt
 from cowjax.training import train
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cowjax.inference import metrics
+from cowjax import metrics
 
 NAN = np.nan
 

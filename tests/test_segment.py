@@ -67,7 +67,7 @@ def test_lumen_labelled_by_the_landmarks_matches_a_synthetic_case():
     image's lumen labelled by the case's landmarks agrees with its segment labels, and every other
     vessel stays background."""
     from cowjax.data import synthetic
-    from cowjax.inference import metrics
+    from cowjax import metrics
     case = synthetic.generate_case(3, 0, spacing=(0.8, 0.8, 0.8))
     mask = segment.vessel_mask(case.image, case.affine)
     labels = segment.label_by_landmarks(mask, case.affine, case.landmarks)

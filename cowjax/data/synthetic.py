@@ -31,7 +31,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage, special
 
-from cowjax import anatomy
+from cowjax import anatomy, figures
 from cowjax.data import _parallel, _vessels, io
 from cowjax.errors import CowjaxError, atomic_output, atomic_output_dir
 
@@ -598,42 +598,6 @@ def generate_case(seed: int, index: int, spacing=PAPER_SPACING, pathology_fracti
     return case, info
 
 
-def save_preview(case: io.Case, path: str | Path) -> None:
-    """Axial and coronal maximum intensity projections with the 19 landmarks, as a PNG.
-
-    Radiological convention: patient right on the image left, anterior (axial) and superior
-    (coronal) up. The image is permuted/flipped to the nearest RAS axes first (no resampling).
-    """
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    (img,), affine = reorient([case.image], case.affine, ("R", "A", "S"))
-    inv = np.linalg.inv(affine)
-    vox = case.landmarks @ inv[:3, :3].T + inv[:3, 3]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 6.5))
-    for ax, (drop, (h, v), title) in zip(axes, [(2, (0, 1), "axial MIP (anterior up)"),
-                                                (1, (0, 2), "coronal MIP (superior up)")]):
-        mip = img.max(axis=drop)
-        lo, hi = np.percentile(mip, [20, 99.8])
-        sp = np.linalg.norm(affine[:3, :3], axis=0)
-        ax.imshow(mip.T, origin="lower", cmap="gray", vmin=lo, vmax=hi, aspect=sp[v] / sp[h])
-        ax.invert_xaxis()                                           # patient right on the left
-        present = case.attributes["landmarks"] if case.attributes else {}
-        for k, name in enumerate(anatomy.LANDMARKS):
-            colour = "lime" if present.get(name, True) else "orange"
-            ax.plot(vox[k, h], vox[k, v], "+", color=colour, ms=9, mew=1.5)
-            ax.annotate(name, (vox[k, h], vox[k, v]), color=colour, fontsize=6.5,
-                        xytext=(3, 3), textcoords="offset points")
-        ax.set_title(f"{case.case_id}: {title}; R on the left", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
-    plt.close(fig)
-
-
 def _write_case(out_dir: Path, case: io.Case, info: dict, preview: bool) -> Path:
     """Write one case folder atomically (``atomic_output_dir``)."""
     final = out_dir / case.case_id
@@ -641,7 +605,7 @@ def _write_case(out_dir: Path, case: io.Case, info: dict, preview: bool) -> Path
         io.save_case(tmp, case)
         (tmp / "pathology.json").write_text(json.dumps(info, indent=1))
         if preview:
-            save_preview(case, tmp / "preview.png")
+            figures.case_preview(tmp / "preview.png", case)
     return final
 
 

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from cowjax import anatomy
 from cowjax.data import io, preprocess
 from cowjax.errors import CowjaxError, atomic_output
-from cowjax.inference import decode, figures, metrics
+from cowjax import figures, metrics
+from cowjax.inference import decode
 from cowjax.inference.predict import Predictor
 
 NUM_MIP_CASES = 3

@@ -8,11 +8,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cowjax import anatomy  # noqa: E402
 from cowjax.errors import atomic_output  # noqa: E402
-from cowjax.inference import metrics  # noqa: E402
+from cowjax import metrics  # noqa: E402
 
 
 def _save(fig, path) -> Path:
@@ -204,4 +205,36 @@ def paired_differences(path, differences: dict[str, dict], reference: str) -> Pa
     ax.set_xlabel(f"error difference from {reference} (mm), mean and 95% interval")
     ax.set_title(f"Paired difference from {reference} (negative: better)")
     ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def case_preview(path, case) -> Path:
+    """Axial and coronal maximum intensity projections of a case with its 19 landmarks.
+
+    Radiological convention: patient right on the image left, anterior (axial) and superior
+    (coronal) up. The image is permuted/flipped to the nearest RAS axes first (no resampling);
+    landmarks known absent (``case.attributes``) are orange.
+    """
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(case.image, case.affine))
+    img, affine = np.asarray(canonical.dataobj), canonical.affine
+    inv = np.linalg.inv(affine)
+    vox = case.landmarks @ inv[:3, :3].T + inv[:3, 3]
+    present = case.attributes["landmarks"] if case.attributes else {}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 6.5))
+    for ax, (drop, (h, v), title) in zip(axes, [(2, (0, 1), "axial MIP (anterior up)"),
+                                                (1, (0, 2), "coronal MIP (superior up)")]):
+        mip = img.max(axis=drop)
+        lo, hi = np.percentile(mip, [20, 99.8])
+        sp = np.linalg.norm(affine[:3, :3], axis=0)
+        ax.imshow(mip.T, origin="lower", cmap="gray", vmin=lo, vmax=hi, aspect=sp[v] / sp[h])
+        ax.invert_xaxis()                                           # patient right on the left
+        for k, name in enumerate(anatomy.LANDMARKS):
+            colour = "lime" if present.get(name, True) else "orange"
+            ax.plot(vox[k, h], vox[k, v], "+", color=colour, ms=9, mew=1.5)
+            ax.annotate(name, (vox[k, h], vox[k, v]), color=colour, fontsize=6.5,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_title(f"{case.case_id}: {title}; R on the left", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
     return _save(fig, path)
