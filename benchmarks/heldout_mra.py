@@ -16,7 +16,7 @@ Modelling, in short:
     lenticulostriate and random small arteries;
   * variation: PCoA / P1 (fetal PCA) / A1 / ACoA absent or hypoplastic (< 0.5 mm) at roughly the
     cow19.md frequencies, landmark positions kept on the remaining vessel; radii +-25 %;
-  * rendering: per centerline sample a super-Gaussian tube profile exp(-ln2 (d/r_eff)^4) with a
+  * rendering: per centreline sample a super-Gaussian tube profile exp(-ln2 (d/r_eff)^4) with a
     partial-volume amplitude for thin vessels, combined by maximum of occupancy; vessel brightness
     fades with path length from the inflow roots (ICA and vertebrals) and more for in-plane flow;
     calibre wobbles +-8 % along each vessel, a focal stenosis in ~15 % of cases, and venous
@@ -417,12 +417,12 @@ def make_grid(rng, landmarks_world, spacing):
     lo, hi = acq.min(0), acq.max(0)
     E = np.maximum(E, hi - lo + 2 * margin + 4)
     o = np.array([rng.uniform(h - e / 2 + margin, l + e / 2 - margin) for l, h, e in zip(lo, hi, E)])
-    center = landmarks_world.mean(0) + Q @ o
+    centre = landmarks_world.mean(0) + Q @ o
     sp = np.array([spacing[perm[j]] for j in range(3)])
     n = np.array([int(round(E[perm[j]] / sp[j])) for j in range(3)])
     A = np.eye(4)
     A[:3, :3] = D @ np.diag(sp)
-    A[:3, 3] = center - A[:3, :3] @ ((n - 1) / 2)
+    A[:3, 3] = centre - A[:3, :3] @ ((n - 1) / 2)
     return dict(mode=mode, affine=A, shape=tuple(int(x) for x in n), spacing=sp, Q=Q, perm=perm)
 
 

@@ -34,20 +34,19 @@ def main():
     if args.steps_per_call is not None:
         config.train.steps_per_call = args.steps_per_call
     model = unet.build_model(config)
-    shape = tuple(int(n) for n in config.data.crop_shape)
-    params = unet.init_params(model, jax.random.key(0))
-    batch = bench.random_batch(jax.random.key(1), config.batch_size, shape)
     if args.inference:
+        params = unet.init_params(model, jax.random.key(0))
+        image = jax.random.normal(jax.random.key(1), (config.batch_size, *config.data.crop_shape, 1))
         f = jax.jit(lambda p, x: model.apply({"params": p}, x))
-        run = lambda: jax.block_until_ready(f(params, batch["image"]))  # noqa: E731
+        run = lambda: jax.block_until_ready(f(params, image))  # noqa: E731
     else:
-        tx, step = bench.make_train_step(model, config, bench.mse_loss)
-        state = [(params, tx.init(params))]
-        batches = (batch,) * devices.steps_per_call(config.train.steps_per_call)
+        # The step training runs, with the loss PyTorch's reference uses.
+        step, state, batches, _ = bench.compiled_train_step(model, config, bench.mse_loss)
+        holder = [state]
 
         def run():
-            state[0], losses = step(state[0], batches)
-            losses.block_until_ready()
+            holder[0], metrics = step(holder[0], batches)
+            jax.block_until_ready(metrics["loss"])
     run()
     t = time.perf_counter()
     run()

@@ -23,7 +23,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from cowjax import anatomy, devices
 from cowjax.model import unet
@@ -65,24 +64,6 @@ def _flops(compiled) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
-def random_batch(key, batch_size: int, shape) -> dict:
-    """A training batch in the pipeline's format (ARCHITECTURE.md), random but well-formed."""
-    ks = jax.random.split(key, 5)
-    b, n = batch_size, anatomy.NUM_LANDMARKS
-    return {
-        "image": jax.random.normal(ks[0], (b, *shape, 1), jnp.float32),
-        "landmarks": jax.random.uniform(ks[1], (b, n, 3)) * (jnp.asarray(shape, jnp.float32) - 1),
-        "landmark_mask": jnp.ones((b, n), jnp.float32),
-        "segments": jax.random.randint(ks[2], (b, *shape), 0, anatomy.NUM_CLASSES, jnp.int32),
-        "segments_mask": jnp.ones((b,), jnp.float32),
-        "landmark_attr": jax.random.bernoulli(ks[3], 0.8, (b, n)).astype(jnp.float32),
-        "landmark_attr_mask": jnp.ones((b, n), jnp.float32),
-        "segment_attr": jax.random.bernoulli(ks[4], 0.8, (b, anatomy.NUM_SEGMENTS)).astype(
-            jnp.float32),
-        "segment_attr_mask": jnp.ones((b, anatomy.NUM_SEGMENTS), jnp.float32),
-    }
-
-
 def mse_loss(outputs, batch, config):
     """Mean squared output, the loss ``benchmarks/torch_reference.py`` uses too (same cost model)."""
     del batch, config
@@ -90,59 +71,40 @@ def mse_loss(outputs, batch, config):
     return sum(terms.values()), terms
 
 
-def _loss_fn(use_project_loss: bool):
-    if use_project_loss:
-        try:
-            from cowjax import losses
-            return "total_loss", losses.total_loss
-        except ImportError:
-            pass
-    return "mse", mse_loss
+def compiled_train_step(model, config, loss_fn=None):
+    """The step training runs (``train.make_train_step``: the config's optimiser, clipping and
+    non-finite guard, chained ``devices.steps_per_call`` steps per call), compiled for one random
+    batch (``data.batch.random_batch``) on ``devices.data_mesh``: (compiled, state, batches, mesh).
+    ``loss_fn`` replaces the project's loss (``mse_loss`` for the side-by-side with PyTorch)."""
+    from cowjax.data import batch as batch_lib
+    from cowjax.training import state as state_lib
+    from cowjax.training import train
 
-
-def make_train_step(model, config, loss_fn):
-    """A minimal Adam train step, chained like training's (``train.chain_steps``):
-    ``((params, opt_state), batches) -> ((params, opt_state), losses)``, one step per batch of the
-    tuple in one call, each batch split over ``devices.data_mesh`` (on a CPU: one device per core)."""
-    from cowjax.training.train import chain_steps
-    tx = optax.adam(config.optim.learning_rate, b1=config.optim.b1, b2=config.optim.b2)
-
-    def step(state, batch):
-        params, opt_state = state
-
-        def objective(p):
-            loss, _ = loss_fn(model.apply({"params": p}, batch["image"]), batch, config)
-            return loss
-        loss, grads = jax.value_and_grad(objective)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
-
+    tx = state_lib.make_optimizer(config)
     mesh = devices.data_mesh(config.batch_size)
-    rep, split = devices.replicated(mesh), devices.split(mesh)
-    return tx, jax.jit(chain_steps(step), in_shardings=(rep, split), out_shardings=(rep, rep),
-                       donate_argnums=0)
-
-
-def _bench_step(part, model, params, config, shape, repeats, use_project_loss):
-    loss_name, loss_fn = _loss_fn(use_project_loss)
-    tx, step = make_train_step(model, config, loss_fn)
     per_call = devices.steps_per_call(config.train.steps_per_call)
-    mesh = devices.data_mesh(config.batch_size)  # the one make_train_step splits the batch over
-    batch = jax.device_put(random_batch(jax.random.key(1), config.batch_size, shape),
-                           devices.split(mesh))
+    step = train.compile_train_step(train.make_train_step(model, config, tx, loss_fn), mesh)
+    state = jax.device_put(state_lib.create_state(unet.init_params(model, jax.random.key(config.seed)),
+                                                  tx), devices.replicated(mesh))
+    batch = train.to_device(batch_lib.random_batch(config, seed=1), mesh)
     batches = (batch,) * per_call
-    params = jax.tree.map(jnp.copy, params)  # the step donates its inputs
-    state = [(params, tx.init(params))]
+    return step.lower(state, batches).compile(), state, batches, mesh
+
+
+def _bench_step(part, model, config, shape, repeats, use_project_loss):
+    loss_name, loss_fn = ("total_loss", None) if use_project_loss else ("mse", mse_loss)
+    per_call = devices.steps_per_call(config.train.steps_per_call)
     t = time.perf_counter()
-    compiled = step.lower(state[0], batches).compile()
+    compiled, state, batches, mesh = compiled_train_step(model, config, loss_fn)
     compile_s = time.perf_counter() - t
     # An SPMD program's cost analysis counts one device's share.
     flops = _flops(compiled)
     flops = flops * mesh.size / per_call if flops else None
+    holder = [state]
 
     def run():
-        state[0], losses = compiled(state[0], batches)
-        losses.block_until_ready()
+        holder[0], metrics = compiled(holder[0], batches)
+        jax.block_until_ready(metrics["loss"])
 
     run()  # first call: allocation and warm-up
     sec = median_time(run, repeats) / per_call
@@ -249,9 +211,9 @@ def run_bench(config, parts=PARTS, repeats: int = 5) -> None:
               device=dev.device_kind, platform=dev.platform, devices=jax.device_count())
     step_s = None
     if "step" in parts:
-        step_s = _bench_step("step", model, params, config, shape, repeats, True)
+        step_s = _bench_step("step", model, config, shape, repeats, True)
     if "step_mse" in parts:
-        step_s = _bench_step("step_mse", model, params, config, shape, repeats, False)
+        step_s = _bench_step("step_mse", model, config, shape, repeats, False)
     if "inference" in parts:
         _bench_inference(model, params, config, repeats)
     if "pipeline" in parts:

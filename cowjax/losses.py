@@ -5,7 +5,7 @@ Shapes (B batch, X,Y,Z crop, x,y,z heatmap grid = crop / ``config.model.heatmap_
            ``landmark_attr [B,19]`` logits, ``segment_attr [B,20]`` logits.
   batch:   ``landmarks [B,19,3]`` crop voxel coords, ``landmark_mask [B,19]``, ``segments [B,X,Y,Z]``,
            ``segments_mask [B]``, ``landmark_attr(_mask) [B,19]``, ``segment_attr(_mask) [B,20]``.
-Heatmap targets are made here, on device, from the coordinates (batches carry no heatmaps).
+Heatmap targets are made on the device from the coordinates (``heatmaps.targets``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cowjax import anatomy
+from cowjax import anatomy, heatmaps
 
 # A target voxel above this (Gaussian peak 1) counts as foreground for the ratio weighting.
 FOREGROUND_THRESHOLD = 0.01
@@ -27,20 +27,6 @@ def _masked_mean(values, mask):
     """Mean of ``values`` over entries where ``mask`` is 1; 0 when nothing is masked in."""
     mask = jnp.broadcast_to(mask, values.shape).astype(values.dtype)
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
-def heatmap_targets(coords, heatmap_shape, config):
-    """Gaussian heatmap targets on the heatmap grid.
-
-    coords: [B,19,3] voxel coords in the crop. heatmap_shape: (x,y,z).
-    Returns [B,x,y,z,19] with peak 1. With ``heatmap_stride`` s, the heatmap voxel i covers crop
-    voxels [s*i, s*i + s), so a crop coordinate c maps to (c + 0.5) / s - 0.5, and sigma shrinks by s.
-    """
-    from cowjax.data import targets
-    stride = config.model.heatmap_stride
-    sigma_vox = np.asarray(config.data.heatmap_sigma_mm) / np.asarray(config.data.spacing) / stride
-    coords = (coords + 0.5) / stride - 0.5
-    return targets.gaussian_heatmaps(coords, tuple(heatmap_shape), sigma_vox)
 
 
 def heatmap_l2(pred, target, landmark_mask):
@@ -165,7 +151,7 @@ def total_loss(outputs, batch, config):
     terms = {}
     if lc.w_heatmap:
         hm = outputs["heatmaps"]
-        target = heatmap_targets(batch["landmarks"], hm.shape[1:4], config)
+        target = heatmaps.targets(batch["landmarks"], hm.shape[1:4], config)
         if lc.heatmap == "l2":
             terms["heatmap"] = heatmap_l2(hm, target, batch["landmark_mask"])
         elif lc.heatmap == "softmax_ce":

@@ -153,17 +153,6 @@ def test_total_loss_is_the_weighted_sum_and_skips_zero_weights(heatmap, stride):
     assert all(np.isfinite(v) for v in terms.values())
 
 
-def test_heatmap_targets_peak_at_the_scaled_coordinate():
-    config = test_config.get_config()
-    config.model.heatmap_stride = 2
-    coords = np.zeros((1, anatomy.NUM_LANDMARKS, 3), np.float32)
-    coords[0, :] = [9.0, 5.0, 3.0]          # crop voxel 9 -> heatmap (9.5)/2 - 0.5 = 4.25 -> voxel 4
-    t = np.asarray(losses.heatmap_targets(coords, (16, 16, 8), config))
-    assert t.shape == (1, 16, 16, 8, anatomy.NUM_LANDMARKS)
-    peak = np.unravel_index(np.argmax(t[0, ..., 0]), t.shape[1:4])
-    assert tuple(peak) == (4, 2, 1)
-
-
 def test_segmentation_ce_weights_the_few_vessel_voxels_as_much_as_the_background():
     """One vessel voxel among 511 background ones: predicting background everywhere costs half the
     maximum (the foreground half of the mean), not 1/512 of it, so the head cannot sit there."""

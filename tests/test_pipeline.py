@@ -10,36 +10,10 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
+from cowjax.data import batch as batch_lib
 from cowjax.data import io, pipeline, preprocess
 from cowjax.errors import CowjaxError
-from test_targets import tube_phantom
-
-KEYS = {"image": (32, 32, 16, 1), "landmarks": (19, 3), "landmark_mask": (19,),
-        "segments": (32, 32, 16), "segments_mask": (), "landmark_attr": (19,),
-        "landmark_attr_mask": (19,), "segment_attr": (20,), "segment_attr_mask": (20,)}
-
-
-def _write_dataset(root, num, first_seed=0):
-    for i in range(num):
-        image, affine, landmarks, vessels, _ = tube_phantom(1.2, seed=first_seed + i, margin=6.0)
-        io.save_case(root / f"case{i:02d}", io.Case(f"case{i:02d}", image, affine, landmarks,
-                                                    vessels=vessels))
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ds")
-    _write_dataset(root, 4)
-    return root
-
-
-def _config(dataset, **augment):
-    c = test_config.get_config()
-    c.data.source = "dir"
-    c.data.data_dir = str(dataset)
-    c.data.augment.update(augment)
-    return c
-
+from conftest import dir_config, write_phantom_dataset
 
 def _take(it, n):
     return [next(it) for _ in range(n)]
@@ -49,14 +23,12 @@ def _same(a, b):
     return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
 
 
-def test_batches_are_deterministic_and_resumable(dataset, tmp_path):
-    config = _config(dataset, flip=True, rotate_deg=10.0, noise=0.01)
-    cases = io.list_cases(dataset)
+def test_batches_are_deterministic_and_resumable(phantom_dataset, tmp_path):
+    config = dir_config(phantom_dataset, flip=True, rotate_deg=10.0, noise=0.01)
+    cases = io.list_cases(phantom_dataset)
     first = _take(pipeline.train_loader(config, cases, tmp_path / "cache"), 3)
     for batch in first:
-        assert {k: v.shape[1:] for k, v in batch.items()} == KEYS
-        assert batch["image"].dtype == np.float32 and batch["segments"].dtype == np.int32
-        assert batch["landmarks"].shape[0] == config.batch_size
+        batch_lib.check(batch, config)
     assert _same(first, _take(pipeline.train_loader(config, cases, tmp_path / "cache"), 3))
     config.seed = 1
     assert not _same(first, _take(pipeline.train_loader(config, cases, tmp_path / "cache"), 3))
@@ -69,20 +41,20 @@ def test_batches_are_deterministic_and_resumable(dataset, tmp_path):
     assert _same(first[1:], _take(resumed, 2))
 
 
-def test_worker_processes_give_the_same_batches(dataset, tmp_path):
-    config = _config(dataset)
-    cases = io.list_cases(dataset)
+def test_worker_processes_give_the_same_batches(phantom_dataset, tmp_path):
+    config = dir_config(phantom_dataset)
+    cases = io.list_cases(phantom_dataset)
     inline = _take(pipeline.train_loader(config, cases, tmp_path / "cache"), 2)
     config.data.num_workers = 1
     assert _same(inline, _take(pipeline.train_loader(config, cases, tmp_path / "cache"), 2))
 
 
-def test_split_is_recorded_and_reused(dataset, tmp_path):
-    config = _config(dataset)
+def test_split_is_recorded_and_reused(phantom_dataset, tmp_path):
+    config = dir_config(phantom_dataset)
     config.data.split = (0.5, 0.25, 0.25)
     split = pipeline.prepare_data(config, tmp_path / "run")
     assert [len(split[k]) for k in ("train", "val", "test")] == [2, 1, 1]
-    assert sorted(p.name for k in split for p in split[k]) == [p.name for p in io.list_cases(dataset)]
+    assert sorted(p.name for k in split for p in split[k]) == [p.name for p in io.list_cases(phantom_dataset)]
     recorded = json.loads((tmp_path / "run" / "split.json").read_text())
     assert recorded["train"] == [p.name for p in split["train"]]
     config.seed = 123  # a different seed would split differently: the record wins
@@ -94,7 +66,7 @@ def test_synthetic_set_is_made_on_first_use(tmp_path, monkeypatch):
 
     def generate_dataset(out_dir, num, seed, spacing, pathology_fraction):
         calls.append((num, seed, spacing, pathology_fraction))
-        _write_dataset(out_dir, num, first_seed=seed)
+        write_phantom_dataset(out_dir, num, first_seed=seed)
 
     fake = types.ModuleType("cowjax.data.synthetic")
     fake.generate_dataset = generate_dataset
@@ -112,9 +84,9 @@ def test_synthetic_set_is_made_on_first_use(tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
-def test_eval_examples_convert_to_world(dataset, tmp_path):
-    config = _config(dataset)
-    cases = io.list_cases(dataset)
+def test_eval_examples_convert_to_world(phantom_dataset, tmp_path):
+    config = dir_config(phantom_dataset)
+    cases = io.list_cases(phantom_dataset)
     examples = pipeline.eval_examples(config, cases, tmp_path / "cache")
     assert len(examples) == len(cases)
     for ex, case_dir in zip(examples, cases):
@@ -128,20 +100,20 @@ def test_eval_examples_convert_to_world(dataset, tmp_path):
         assert ex["segments"].max() > 0
 
 
-def test_a_broken_case_stops_the_loader(dataset, tmp_path):
-    _write_dataset(tmp_path, 2)
+def test_a_broken_case_stops_the_loader(phantom_dataset, tmp_path):
+    write_phantom_dataset(tmp_path, 2)
     (tmp_path / "case01" / "landmarks.mrk.json").write_text(
         (tmp_path / "case01" / "landmarks.mrk.json").read_text().replace("BA_top", "BA_tip"))
     with pytest.raises(CowjaxError, match="case01/landmarks.mrk.json: unknown landmark name"):
-        pipeline.train_loader(_config(tmp_path), io.list_cases(tmp_path), tmp_path / "cache")
+        pipeline.train_loader(dir_config(tmp_path), io.list_cases(tmp_path), tmp_path / "cache")
     assert not any((tmp_path / "cache").glob("case01*"))
 
 
-def test_cached_case_reads_back_as_made(dataset, tmp_path):
+def test_cached_case_reads_back_as_made(phantom_dataset, tmp_path):
     """The cache gives back what preprocessing made, the volumes mapped read-only (so no example
     can alter the cached case), and another spacing is another entry."""
-    config = _config(dataset)
-    case = io.list_cases(dataset)[0]
+    config = dir_config(phantom_dataset)
+    case = io.list_cases(phantom_dataset)[0]
     made = pipeline.preprocessed(case, config, tmp_path / "cache")
     pipeline.clear_loaded()
     read = pipeline.preprocessed(case, config, tmp_path / "cache")

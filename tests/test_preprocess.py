@@ -90,7 +90,7 @@ def test_normalise_intensity_is_robust():
     np.testing.assert_array_equal(out, preprocess.normalise_intensity(image))
 
 
-def test_fov_center_near_the_landmarks_despite_bright_structures():
+def test_fov_centre_near_the_landmarks_despite_bright_structures():
     """On synthetic cases (any orientation), with a bright slab (fat) at the bottom of the field of
     view and a large bright blob (a sinus) above the circle, both as bright as the vessels."""
     from cowjax.data import synthetic
@@ -104,7 +104,7 @@ def test_fov_center_near_the_landmarks_despite_bright_structures():
         bright = np.percentile(case.image, 99.5)
         image = (case.image + bright * (np.abs(world[..., 2] - world[..., 2].min() - 6) < 3)
                  + bright * (np.linalg.norm(world - centroid - [0, 0, 25], axis=-1) < 8))
-        centre = preprocess.estimate_fov_center(image, case.affine)
+        centre = preprocess.estimate_fov_centre(image, case.affine)
         assert np.linalg.norm(centre - centroid) < 15.0
 
 
@@ -122,13 +122,13 @@ def _example(rng):
     pre = {"image": rng.uniform(size=(24, 20, 16)).astype(np.float32),
            "landmarks": rng.uniform(2, 14, (anatomy.NUM_LANDMARKS, 3)),
            "segments": rng.integers(0, anatomy.NUM_CLASSES, (24, 20, 16)).astype(np.uint8),
-           "fov_center": np.array([12.0, 10.0, 8.0]),
+           "fov_centre": np.array([12.0, 10.0, 8.0]),
            "landmark_attr": rng.integers(0, 2, 19).astype(np.float32),
            "landmark_attr_mask": np.ones(19, np.float32),
            "segment_attr": rng.integers(0, 2, 20).astype(np.float32),
            "segment_attr_mask": rng.integers(0, 2, 20).astype(np.float32)}
     pre["landmarks"][3] = np.nan
-    return pre, augment.crop_example(pre, pre["fov_center"], (16, 16, 12))[0]
+    return pre, augment.crop_example(pre, pre["fov_centre"], (16, 16, 12))[0]
 
 
 def test_flip_swaps_mirrored_channels():

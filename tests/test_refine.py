@@ -11,7 +11,7 @@ from cowjax.config_defaults import refine_config
 from cowjax.data import io, pipeline
 from cowjax.errors import CowjaxError
 from cowjax.inference import predict
-from test_pipeline import _config, dataset  # noqa: F401  (the fixture)
+from conftest import dir_config
 
 
 def test_refine_config_is_the_patch_stage():
@@ -31,10 +31,10 @@ def test_refine_config_is_the_patch_stage():
     assert c.refine.num_train_steps > 0 and demo.get_config("full").refine.num_train_steps == 0
 
 
-def test_training_patches_are_centred_near_one_landmark(dataset, tmp_path):  # noqa: F811
-    config = refine_config(_config(dataset, rotate_deg=10.0, scale=0.05))
+def test_training_patches_are_centred_near_one_landmark(phantom_dataset, tmp_path):
+    config = refine_config(dir_config(phantom_dataset, rotate_deg=10.0, scale=0.05))
     spacing, shape = np.asarray(config.data.spacing), np.array(config.data.crop_shape)
-    it = pipeline.train_loader(config, io.list_cases(dataset), tmp_path / "cache")
+    it = pipeline.train_loader(config, io.list_cases(phantom_dataset), tmp_path / "cache")
     # Translation up to translate_mm per axis, then rotation and scale about the centre.
     reach = np.linalg.norm(config.data.augment.translate_mm / spacing) * 1.06 + 0.5
     for _ in range(4):
@@ -45,9 +45,9 @@ def test_training_patches_are_centred_near_one_landmark(dataset, tmp_path):  # n
             assert near.size and near.min() <= reach
 
 
-def test_validation_patches_one_per_known_landmark(dataset, tmp_path):  # noqa: F811
-    config = refine_config(_config(dataset))
-    cases = io.list_cases(dataset)[:2]
+def test_validation_patches_one_per_known_landmark(phantom_dataset, tmp_path):
+    config = refine_config(dir_config(phantom_dataset))
+    cases = io.list_cases(phantom_dataset)[:2]
     examples = pipeline.eval_examples(config, cases, tmp_path / "cache")
     known = [np.isfinite(io.load_case(c).landmarks).all(axis=1).sum() for c in cases]
     assert len(examples) == sum(known)

@@ -22,7 +22,7 @@ NUM_STEPS = 12
 
 def _child(workdir):
     import orbax.checkpoint as ocp
-    import test_training as tt
+    import conftest as tt
     from cowjax.errors import CowjaxError
     from cowjax.training import train
 
@@ -67,7 +67,7 @@ def _metrics(workdir):
 
 
 def _final_params(workdir):
-    import test_training as tt
+    import conftest as tt
     from cowjax.training import checkpoint as ckpt
     from cowjax.training import state as state_lib
     config = tt.tiny_config(num_train_steps=NUM_STEPS)

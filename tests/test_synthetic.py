@@ -11,6 +11,7 @@ from scipy import ndimage
 
 from cowjax import anatomy
 from cowjax.data import io, synthetic
+from cowjax.data.synthetic import subject
 
 SEED = 3             # its first cases hold fetal, absent and hypoplastic variants, aneurysms, stenoses
 SPACING = (1.0, 1.0, 1.0)
@@ -147,7 +148,7 @@ def test_no_pathology_when_the_fraction_is_zero():
 
 def test_variant_frequencies_follow_cow19():
     rng = np.random.default_rng(0)
-    kinds = [synthetic._sample_variants(rng)[1] for _ in range(3000)]
+    kinds = [subject.sample_variants(rng)[1] for _ in range(3000)]
     share = lambda cond: np.mean([cond(k) for k in kinds])          # noqa: E731
     small = ("absent", "hypoplastic")
     assert 0.38 < share(lambda k: k["PCoA_R"] in small) < 0.52

@@ -11,109 +11,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cowjax import anatomy
 from cowjax import devices
+from cowjax.data import batch as batch_lib
 from cowjax.errors import CowjaxError
 from cowjax.training import checkpoint as ckpt
 from cowjax.training import state as state_lib
 from cowjax.training import train
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from configs import test as test_config  # noqa: E402
-
-
-class TinyNet(nn.Module):
-    """Stand-in with the model's output contract: image [B,X,Y,Z,1] -> the four outputs."""
-    stride: int = 1
-    width: int = 4
-
-    @nn.compact
-    def __call__(self, image):
-        h = nn.relu(nn.Conv(self.width, (3, 3, 3))(image))
-        s = self.stride
-        hm_in = nn.avg_pool(h, (s, s, s), (s, s, s)) if s > 1 else h
-        pooled = h.mean(axis=(1, 2, 3))
-        return {"heatmaps": nn.Conv(anatomy.NUM_LANDMARKS, (1, 1, 1))(hm_in),
-                "segmentation": nn.Conv(anatomy.NUM_CLASSES, (1, 1, 1))(h),
-                "landmark_attr": nn.Dense(anatomy.NUM_LANDMARKS)(pooled),
-                "segment_attr": nn.Dense(anatomy.NUM_SEGMENTS)(pooled)}
-
-
-def random_batch(config, index: int, seed: int = 0) -> dict:
-    """A deterministic batch for (seed, index): a bright blob at each landmark."""
-    r = np.random.default_rng([seed, index])
-    b, shape = config.batch_size, tuple(config.data.crop_shape)
-    lm = (r.uniform(0.2, 0.8, (b, anatomy.NUM_LANDMARKS, 3)) * np.array(shape)).astype(np.float32)
-    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
-    d2 = ((grid[None, :, :, :, None, :] - lm[:, None, None, None, :, :]) ** 2).sum(-1)
-    image = np.exp(-d2 / 2.0).max(-1)[..., None].astype(np.float32)
-    return {
-        "image": image + 0.1 * r.standard_normal(image.shape).astype(np.float32),
-        "landmarks": lm,
-        "landmark_mask": (r.uniform(size=(b, anatomy.NUM_LANDMARKS)) > 0.1).astype(np.float32),
-        "segments": (image[..., 0] > 0.5).astype(np.int32) * r.integers(1, 21, (b, 1, 1, 1)),
-        "segments_mask": np.ones(b, np.float32),
-        "landmark_attr": r.integers(0, 2, (b, anatomy.NUM_LANDMARKS)).astype(np.float32),
-        "landmark_attr_mask": np.ones((b, anatomy.NUM_LANDMARKS), np.float32),
-        "segment_attr": r.integers(0, 2, (b, anatomy.NUM_SEGMENTS)).astype(np.float32),
-        "segment_attr_mask": np.ones((b, anatomy.NUM_SEGMENTS), np.float32),
-    }
-
-
-class RandomBatches:
-    """A checkpointable iterator of ``random_batch``es; ``nan_at`` poisons one batch's image."""
-
-    def __init__(self, config, seed=0, nan_at=None):
-        self.config, self.seed, self.nan_at, self.index = config, seed, nan_at, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = random_batch(self.config, self.index, self.seed)
-        if self.index == self.nan_at:
-            batch["image"][0, 0, 0, 0, 0] = np.nan
-        self.index += 1
-        return batch
-
-    def get_state(self):
-        return {"index": self.index}
-
-    def set_state(self, state):
-        self.index = state["index"]
-
-
-def val_examples(config, n=2):
-    batch = random_batch(config, 10_000)
-    return [{"image": batch["image"][i], "landmarks": batch["landmarks"][i],
-             "landmark_mask": batch["landmark_mask"][i]} for i in range(n)]
-
-
-def tiny_config(**top):
-    config = test_config.get_config()
-    config.data.crop_shape = (16, 16, 8)
-    config.data.spacing = (2.0, 2.0, 2.0)
-    config.data.heatmap_sigma_mm = 3.0
-    config.optim.learning_rate = 1e-2
-    config.update(top)
-    return config
-
-
-def run(config, workdir, **iter_kwargs):
-    return train.run_training(config, workdir, TinyNet(config.model.heatmap_stride),
-                              RandomBatches(config, **iter_kwargs), val_examples(config))
-
-
-def read_metrics(workdir, drop=("steps_per_s",)):
-    lines = Path(workdir, "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in lines]
+from configs import test as test_config
+from conftest import ROOT, RandomBatches, TinyNet, read_metrics, tiny_config, val_examples
+from conftest import train_stand_in as run
 
 
 def test_loss_falls_when_overfitting_one_batch():
@@ -124,7 +36,7 @@ def test_loss_falls_when_overfitting_one_batch():
     state = state_lib.create_state(state_lib.init_params(model, config), tx)
     mesh = train.make_mesh(config.batch_size)
     step = train.compile_train_step(train.make_train_step(model, config, tx), mesh)
-    batch = train.to_device(random_batch(config, 0), mesh)
+    batch = train.to_device(batch_lib.random_batch(config), mesh)
     losses = []
     for _ in range(12):
         state, metrics = step(state, (batch,))
@@ -142,13 +54,13 @@ def test_train_call_makes_no_host_device_transfers():
     state = jax.device_put(state_lib.create_state(state_lib.init_params(model, config), tx),
                            devices.replicated(mesh))
     step = train.compile_train_step(train.make_train_step(model, config, tx), mesh)
-    batches = tuple(train.to_device(random_batch(config, i), mesh) for i in range(3))
+    batches = tuple(train.to_device(batch_lib.random_batch(config, index=i), mesh) for i in range(3))
     with jax.transfer_guard("disallow"):
         state, metrics = step(state, batches)
         jax.block_until_ready((state, metrics))
     assert int(state["step"]) == 3 and metrics["loss"].shape == (3,)
     with jax.transfer_guard("disallow"), pytest.raises(Exception, match="[Tt]ransfer"):
-        step(state, (random_batch(config, 0),))          # the guard does catch a host batch
+        step(state, (batch_lib.random_batch(config),))          # the guard does catch a host batch
 
 
 def test_resume_continues_at_the_right_step_and_equals_an_uninterrupted_run(tmp_path):

@@ -1,1 +1,1 @@
-"""Data: case files (io), synthetic cases, preprocessing, targets, augmentation, the grain pipeline."""
+"""Data: case files (io), synthetic cases, preprocessing, labels derived from vessel masks, augmentation, the grain pipeline."""

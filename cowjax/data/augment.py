@@ -1,7 +1,7 @@
 """Per-example crops and augmentation on the host (numpy), deterministic from a numpy Generator.
 
 An example is cut from a preprocessed case (canonical grid, see ``preprocess.preprocess_case``)
-around ``crop_center``, moved by a random translation (the paper's augmentation), optionally rotated,
+around ``crop_centre``, moved by a random translation (the paper's augmentation), optionally rotated,
 scaled and elastically deformed (one resampling call), intensity-jittered, noised and left-right
 flipped with the mirrored channels swapped. The keys are those of a training batch (ARCHITECTURE.md)
 without the batch axis.
@@ -44,14 +44,14 @@ def _finish(image, landmarks, segments, has_segments, pre, crop_shape) -> dict:
     }
 
 
-def crop_example(pre: dict, center_vox, crop_shape) -> tuple[dict, np.ndarray]:
-    """An un-augmented example centred at ``center_vox`` (grid voxels): (example, offset [3] int).
+def crop_example(pre: dict, centre_vox, crop_shape) -> tuple[dict, np.ndarray]:
+    """An un-augmented example centred at ``centre_vox`` (grid voxels): (example, offset [3] int).
 
     crop voxel + offset = grid voxel.
     """
-    image, offset = preprocess.crop(pre["image"], center_vox, crop_shape)
+    image, offset = preprocess.crop(pre["image"], centre_vox, crop_shape)
     has_segments = pre["segments"] is not None
-    segments = (preprocess.crop(pre["segments"], center_vox, crop_shape)[0] if has_segments
+    segments = (preprocess.crop(pre["segments"], centre_vox, crop_shape)[0] if has_segments
                 else np.zeros(tuple(crop_shape), np.uint8))
     return _finish(image, pre["landmarks"] - offset, segments, has_segments, pre,
                    crop_shape), offset
@@ -80,12 +80,12 @@ def flip_example(example: dict) -> dict:
     }
 
 
-def crop_center(pre: dict) -> np.ndarray:
+def crop_centre(pre: dict) -> np.ndarray:
     """Where training and validation crops are centred (grid voxel coords [3]): the centroid of the
     known landmarks, as the predictor centres its windows on the centroid of the predicted ones;
     the landmark-free FOV estimate for a case without landmarks."""
     known = np.all(np.isfinite(pre["landmarks"]), axis=-1)
-    return pre["landmarks"][known].mean(axis=0) if known.any() else np.asarray(pre["fov_center"])
+    return pre["landmarks"][known].mean(axis=0) if known.any() else np.asarray(pre["fov_centre"])
 
 
 class _ElasticField:
@@ -154,28 +154,28 @@ def _warp(pre: dict, m: np.ndarray, offset: np.ndarray, crop_shape: np.ndarray, 
 
 
 def augment_example(pre: dict, rng: np.random.Generator, crop_shape, spacing, aug,
-                    center=None) -> dict:
+                    centre=None) -> dict:
     """A random training example from a preprocessed case.
 
     pre: ``preprocess_case`` output; rng: this example's Generator (seeded from (seed, epoch,
-    index) by the pipeline); spacing: grid mm; aug: ``config.data.augment``; center: where the
-    crop is centred before the random translation (grid voxels [3]; default ``crop_center``).
+    index) by the pipeline); spacing: grid mm; aug: ``config.data.augment``; centre: where the
+    crop is centred before the random translation (grid voxels [3]; default ``crop_centre``).
     """
     spacing = np.asarray(spacing, np.float64)
     crop_shape = np.asarray(crop_shape)
-    center = crop_center(pre) if center is None else np.asarray(center, np.float64)
-    center = center + rng.uniform(-1, 1, 3) * aug.translate_mm / spacing
+    centre = crop_centre(pre) if centre is None else np.asarray(centre, np.float64)
+    centre = centre + rng.uniform(-1, 1, 3) * aug.translate_mm / spacing
     angles = np.deg2rad(aug.rotate_deg) * rng.uniform(-1, 1, 3)
     scale = 1.0 + aug.scale * rng.uniform(-1, 1)
     if aug.rotate_deg or aug.scale or aug.elastic_mm:
-        # crop voxel c -> grid voxel g = center + m (c - mid) (+ the elastic field), in mm.
+        # crop voxel c -> grid voxel g = centre + m (c - mid) (+ the elastic field), in mm.
         m = np.diag(1 / spacing) @ (_rotation(angles) * scale) @ np.diag(spacing)
-        offset = center - m @ ((crop_shape - 1) / 2)
+        offset = centre - m @ ((crop_shape - 1) / 2)
         field = (_ElasticField(rng, crop_shape, spacing, aug.elastic_mm, aug.elastic_spacing_mm)
                  if aug.elastic_mm else None)
         example = _warp(pre, m, offset, crop_shape, field)
     else:
-        example, _ = crop_example(pre, center, crop_shape)
+        example, _ = crop_example(pre, centre, crop_shape)
     if aug.intensity:
         gamma = np.exp(rng.normal(0.0, aug.intensity))
         contrast = np.exp(rng.normal(0.0, aug.intensity / 2))

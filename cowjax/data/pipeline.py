@@ -22,10 +22,10 @@ import jax
 import numpy as np
 from absl import flags
 
-from cowjax.data import _parallel, augment, io, preprocess
+from cowjax.data import _parallel, augment, batch, io, preprocess
 from cowjax.errors import CowjaxError, atomic_output, atomic_output_dir
 
-_CACHE_VERSION = 2  # bump when preprocessing changes what it writes (2: .npy folders)
+_CACHE_VERSION = 3  # bump when preprocessing changes what it writes (2: .npy folders, 3: fov_centre)
 _SYNTHETIC_VERSION = 2  # bump when the generator's cases change: they go to a new folder
 _SPLITS = ("train", "val", "test")
 _CROP_CENTRES = ("circle", "landmark")
@@ -316,12 +316,14 @@ class _TrainExample:
         pre = preprocessed(self.case_dirs[case], self.config, self.cache_dir, self.to_template)
         rng = np.random.default_rng([seed, epoch, position])
         d = self.config.data
-        center = None
+        centre = None
         if d.crop_centre == "landmark":
             known = np.flatnonzero(np.all(np.isfinite(pre["landmarks"]), axis=-1))
             if known.size:
-                center = pre["landmarks"][rng.choice(known)]
-        return augment.augment_example(pre, rng, d.crop_shape, d.spacing, d.augment, center)
+                centre = pre["landmarks"][rng.choice(known)]
+        example = augment.augment_example(pre, rng, d.crop_shape, d.spacing, d.augment, centre)
+        batch.check(example, self.config, batch_size=0)
+        return example
 
 
 def train_loader(config, case_dirs, cache_dir, to_template=None):
@@ -364,7 +366,7 @@ def _eval_centres(pre: dict, config, index: int) -> np.ndarray:
     """Validation crop centres [N, 3] (grid voxels): the training crops' centre ("circle"), or each
     known landmark moved by a fixed pseudo-random offset within the training's ("landmark")."""
     if config.data.crop_centre == "circle":
-        return augment.crop_center(pre)[None]
+        return augment.crop_centre(pre)[None]
     known = pre["landmarks"][np.all(np.isfinite(pre["landmarks"]), axis=-1)]
     shift_mm = np.random.default_rng([config.seed, index]).uniform(-1, 1, known.shape)
     return known + shift_mm * config.data.augment.translate_mm / np.asarray(config.data.spacing)
@@ -372,7 +374,7 @@ def _eval_centres(pre: dict, config, index: int) -> np.ndarray:
 
 def eval_examples(config, case_dirs, cache_dir, to_template=None) -> list[dict]:
     """Un-augmented examples centred as training crops are, for validation: on the landmarks'
-    centroid (``augment.crop_center``), or with ``data.crop_centre = "landmark"`` one per known
+    centroid (``augment.crop_centre``), or with ``data.crop_centre = "landmark"`` one per known
     landmark near it.
 
     Each has the training keys (no batch axis) plus ``case_id``, ``grid_affine [4, 4]`` (canonical
@@ -384,8 +386,8 @@ def eval_examples(config, case_dirs, cache_dir, to_template=None) -> list[dict]:
     examples = []
     for index, case_dir in enumerate(map(Path, case_dirs)):
         pre = preprocessed(case_dir, config, cache_dir, to_template)
-        for center in _eval_centres(pre, config, index):
-            example, offset = augment.crop_example(pre, center, config.data.crop_shape)
+        for centre in _eval_centres(pre, config, index):
+            example, offset = augment.crop_example(pre, centre, config.data.crop_shape)
             shift = np.eye(4)
             shift[:3, 3] = offset
             examples.append({**example, "case_id": case_dir.name, "grid_affine": pre["affine"],

@@ -107,7 +107,7 @@ def _tubularity(image: np.ndarray, sigma_vox: np.ndarray) -> np.ndarray:
     return out * inner
 
 
-def estimate_fov_center(image: np.ndarray, affine: np.ndarray, radius_mm: float = 40.0) -> np.ndarray:
+def estimate_fov_centre(image: np.ndarray, affine: np.ndarray, radius_mm: float = 40.0) -> np.ndarray:
     """A landmark-free estimate of the Circle of Willis centre: [3] world RAS mm.
 
     Vessel-like voxels are the 2 % most tubular (``_tubularity`` at a ~1.2 mm scale, so bright
@@ -130,21 +130,21 @@ def estimate_fov_center(image: np.ndarray, affine: np.ndarray, radius_mm: float 
     count[idx] = 1.0
     density = ndimage.gaussian_filter(count.reshape(small.shape), radius_mm / vox)
     points = voxel_to_world(np.stack(np.unravel_index(idx, small.shape), -1) * stride, affine)
-    center = voxel_to_world(np.array(np.unravel_index(np.argmax(density), small.shape)) * stride,
+    centre = voxel_to_world(np.array(np.unravel_index(np.argmax(density), small.shape)) * stride,
                             affine)
     for _ in range(10):
-        w = np.exp(-0.5 * np.sum((points - center) ** 2, -1) / radius_mm ** 2)
-        center = (w[:, None] * points).sum(0) / w.sum()
-    return center
+        w = np.exp(-0.5 * np.sum((points - centre) ** 2, -1) / radius_mm ** 2)
+        centre = (w[:, None] * points).sum(0) / w.sum()
+    return centre
 
 
-def crop(image: np.ndarray, center_vox, crop_shape) -> tuple[np.ndarray, np.ndarray]:
-    """Cut ``crop_shape`` voxels centred at ``center_vox`` (rounded), zero outside the image.
+def crop(image: np.ndarray, centre_vox, crop_shape) -> tuple[np.ndarray, np.ndarray]:
+    """Cut ``crop_shape`` voxels centred at ``centre_vox`` (rounded), zero outside the image.
 
     Returns (crop [*crop_shape] same dtype, offset [3] int: crop voxel + offset = image voxel).
     """
     crop_shape = np.asarray(crop_shape, dtype=int)
-    offset = np.round(np.asarray(center_vox, dtype=np.float64) - (crop_shape - 1) / 2).astype(int)
+    offset = np.round(np.asarray(centre_vox, dtype=np.float64) - (crop_shape - 1) / 2).astype(int)
     out = np.zeros(tuple(crop_shape), dtype=image.dtype)
     src_lo = np.clip(offset, 0, image.shape)
     src_hi = np.clip(offset + crop_shape, 0, image.shape)
@@ -186,67 +186,77 @@ def _attribute_arrays(attributes: dict | None):
     return seg, seg_mask, lm, lm_mask
 
 
-def _network_grid(case: io.Case, config, to_template) -> tuple[np.ndarray, tuple[int, ...]]:
-    """The grid the network sees: RAS-aligned in the case's world (``registration = "none"``), or
-    RAS-aligned in template space (rigid intensity registration, the paper's preprocessing:
-    ``to_template(image, affine)`` is the [4, 4] case world -> template world map). Either way its
-    affine maps to the case's own world coordinates, so everything downstream (landmarks,
-    predictions) stays in the original image's world frame."""
-    kind = config.data.get("registration", "none")
-    if (kind == "none") != (to_template is None):
-        # The caller builds the registration from the config (registration.intensity.
-        # template_registration): the data package itself runs none.
-        raise CowjaxError(f"config.data.registration is {kind!r} but preprocess_case was given "
-                          f"{'a' if to_template is not None else 'no'} to_template function")
+def network_grid(affine: np.ndarray, shape, spacing, to_template: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The grid the network sees: RAS-aligned in the image's world (``to_template`` None), or
+    RAS-aligned in template space (``to_template``: the [4, 4] image world -> template world map of
+    a rigid registration, the paper's preprocessing). Either way its affine maps to the image's own
+    world coordinates, so everything downstream (landmarks, predictions) stays in the original
+    image's world frame."""
     if to_template is None:
-        return canonical_grid(case.affine, case.image.shape, config.data.spacing)
-    to_t = np.asarray(to_template(case.image, case.affine), np.float64)
-    grid_t, shape = canonical_grid(to_t @ case.affine, case.image.shape, config.data.spacing)
-    return np.linalg.inv(to_t) @ grid_t, shape
+        return canonical_grid(affine, shape, spacing)
+    to_t = np.asarray(to_template, np.float64)
+    grid_t, grid_shape = canonical_grid(to_t @ affine, shape, spacing)
+    return np.linalg.inv(to_t) @ grid_t, grid_shape
+
+
+def preprocess_image(image: np.ndarray, affine: np.ndarray, grid_affine: np.ndarray, grid_shape,
+                     fov: bool = True) -> dict:
+    """An image on its own grid -> the network's input on ``(grid_affine, grid_shape)``
+    (``network_grid``), the same at training and inference.
+
+    Keys: ``image [X, Y, Z] float32`` (normalised on the image's own grid, then resampled),
+    ``affine [4, 4]`` (= grid_affine, grid voxel -> world RAS), ``fov_centre [3]`` (grid voxel
+    coords of ``estimate_fov_centre``; NaN with ``fov=False``, which skips it).
+    """
+    resampled = resample(normalise_intensity(image), affine, grid_affine, grid_shape, order=1)
+    centre = (world_to_voxel(estimate_fov_centre(image, affine), grid_affine) if fov
+              else np.full(3, np.nan))
+    return {"image": resampled.astype(np.float32), "affine": grid_affine, "fov_centre": centre}
 
 
 def preprocess_case(case: io.Case, config, fov: bool = True, to_template=None) -> dict:
-    """A Case on its own grid -> arrays on the canonical grid at ``config.data.spacing``.
+    """A training or evaluation case -> arrays on the network grid at ``config.data.spacing``.
 
-    With ``config.data.registration`` other than "none", ``to_template`` (``(image [X, Y, Z],
-    affine [4, 4]) -> [4, 4]`` case world -> template world, e.g. ``registration.intensity.
-    template_registration(config.data)``) makes the grid RAS-aligned in template space instead.
+    With ``config.data.registration`` other than "none", the caller injects the registration:
+    ``to_template`` (``(image [X, Y, Z], affine [4, 4]) -> [4, 4]`` case world -> template world,
+    e.g. ``registration.intensity.template_registration(config.data)``) makes the grid RAS-aligned
+    in template space (``network_grid``); the data package itself runs none.
 
-    Keys: ``image [X, Y, Z] float32`` (normalised), ``affine [4, 4]`` (grid voxel -> world RAS),
-    ``landmarks [19, 3]`` (grid voxel coords, NaN unknown), ``fov_center [3]`` (grid voxel coords of
-    ``estimate_fov_center``; NaN with ``fov=False``, which skips it), ``segments [X, Y, Z] uint8``
-    or None (given, else derived from a vessel mask and the landmarks),
-    ``segment_attr/segment_attr_mask [20]``,
-    ``landmark_attr/landmark_attr_mask [19]`` float32 (given, else derived from the segments).
+    Keys: those of ``preprocess_image`` (``fov`` passed on), and ``landmarks [19, 3]`` (grid voxel coords, NaN
+    unknown), ``segments [X, Y, Z] uint8`` or None (given, else derived from a vessel mask and the
+    landmarks), ``segment_attr/segment_attr_mask [20]``, ``landmark_attr/landmark_attr_mask [19]``
+    float32 (given, else derived from the segments).
     """
-    from cowjax.data import targets  # targets imports jax; keep io/preprocess light to import
+    from cowjax.data import labels  # scipy.sparse graph search, only for unlabelled cases
 
-    grid_affine, grid_shape = _network_grid(case, config, to_template)
-    image = resample(normalise_intensity(case.image), case.affine, grid_affine, grid_shape, order=1)
+    kind = config.data.get("registration", "none")
+    if (kind == "none") != (to_template is None):
+        raise CowjaxError(f"config.data.registration is {kind!r} but preprocess_case was given "
+                          f"{'a' if to_template is not None else 'no'} to_template function")
+    matrix = None if to_template is None else to_template(case.image, case.affine)
+    grid_affine, grid_shape = network_grid(case.affine, case.image.shape, config.data.spacing, matrix)
+    out = preprocess_image(case.image, case.affine, grid_affine, grid_shape, fov)
     # Labels are derived and measured on the case's own (finer) grid, then resampled.
-    labels = case.segments
-    if labels is None and case.vessels is not None:
-        labels = targets.derive_segments(np.asarray(case.vessels) > 0, case.affine, case.landmarks)
+    classes = case.segments
+    if classes is None and case.vessels is not None:
+        classes = labels.derive_segments(np.asarray(case.vessels) > 0, case.affine, case.landmarks)
     seg_attr, seg_mask, lm_attr, lm_mask = _attribute_arrays(case.attributes)
     segments = None
-    if labels is not None:
-        grown = grow_labels(np.asarray(labels, np.uint8), case.affine,
+    if classes is not None:
+        grown = grow_labels(np.asarray(classes, np.uint8), case.affine,
                             float(config.data.get("segment_growth_mm", 0.0)))
         segments = resample(grown, case.affine, grid_affine, grid_shape, order=0)
         if seg_mask.sum() < anatomy.NUM_SEGMENTS:
-            d_seg, d_seg_mask, d_lm, d_lm_mask = targets.derive_attributes(labels, case.affine,
+            d_seg, d_seg_mask, d_lm, d_lm_mask = labels.derive_attributes(classes, case.affine,
                                                                            case.landmarks)
             # Keep what the case states; fill only what it leaves out.
             seg_attr = np.where(seg_mask > 0, seg_attr, d_seg)
             lm_attr = np.where(lm_mask > 0, lm_attr, d_lm)
             seg_mask, lm_mask = np.maximum(seg_mask, d_seg_mask), np.maximum(lm_mask, d_lm_mask)
-    fov = (world_to_voxel(estimate_fov_center(case.image, case.affine), grid_affine) if fov
-           else np.full(3, np.nan))
     return {
-        "image": image.astype(np.float32),
-        "affine": grid_affine,
+        **out,
         "landmarks": world_to_voxel(case.landmarks, grid_affine),
-        "fov_center": fov,
         "segments": segments,
         "segment_attr": seg_attr.astype(np.float32),
         "segment_attr_mask": seg_mask.astype(np.float32),

@@ -1,1 +1,1 @@
-"""Checkpoints -> predictions, metrics, reports and figures (decode, predict, evaluate)."""
+"""Checkpoints -> predictions, metrics, reports and figures (predict, evaluate)."""

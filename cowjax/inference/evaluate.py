@@ -20,8 +20,7 @@ from tqdm import tqdm
 from cowjax import anatomy
 from cowjax.data import io, preprocess
 from cowjax.errors import CowjaxError, atomic_output
-from cowjax import figures, metrics
-from cowjax.inference import decode
+from cowjax import figures, heatmaps, metrics
 from cowjax.inference.predict import Predictor
 
 NUM_MIP_CASES = 3
@@ -236,7 +235,7 @@ def _json_default(v):
 
 
 def evaluate_run(workdir, data_dir=None, tta: bool = True,
-                 decode_method: str = decode.DEFAULT_METHOD,
+                 decode_method: str = heatmaps.DEFAULT_METHOD,
                  refine: bool = True) -> tuple[dict, dict, Path]:
     """Evaluate one run: (report dict, per-landmark errors [N, 19], output folder). ``tta``,
     ``decode_method`` and ``refine`` as ``Predictor.from_workdir`` (False, "argmax", False: scored
@@ -278,7 +277,7 @@ def evaluate_run(workdir, data_dir=None, tta: bool = True,
 
 
 def run_eval(workdirs, data_dir=None, tta: bool = True,
-             decode_method: str = decode.DEFAULT_METHOD, refine: bool = True) -> dict[str, dict]:
+             decode_method: str = heatmaps.DEFAULT_METHOD, refine: bool = True) -> dict[str, dict]:
     """Evaluate each run on ``data_dir`` (cases with ground truth) or, when None, on its own test
     split; print the summaries and where the reports are. Returns {workdir: report}."""
     names = [Path(w).name for w in workdirs]

@@ -29,9 +29,10 @@ from scipy import special
 from tqdm import tqdm
 
 from cowjax import anatomy, devices
+from cowjax import heatmaps as heatmaps_lib
 from cowjax.data import io, preprocess
 from cowjax.errors import CowjaxError, atomic_output
-from cowjax.inference import decode, segment
+from cowjax.inference import segment
 from cowjax.model import unet
 from cowjax.registration import intensity
 
@@ -55,15 +56,15 @@ class Prediction:
     head_segmentation: np.ndarray | None = None
 
 
-def _window_starts(center, size, window, step, align):
+def _window_starts(centre, size, window, step, align):
     """Window starts along one axis, all multiples of ``align`` (the heatmap stride).
 
-    The window centred on ``center`` and, where the volume is larger than a window, the two shifted
+    The window centred on ``centre`` and, where the volume is larger than a window, the two shifted
     by ``step`` either way; each kept inside the volume (a volume smaller than the window gets one
     window holding all of it). Returns (sorted starts, index of the central window).
     """
     lo, hi = min(0, size - window), max(0, size - window)
-    central = int(np.clip(np.round(center - (window - 1) / 2), lo, hi))
+    central = int(np.clip(np.round(centre - (window - 1) / 2), lo, hi))
     shifts = (-step, 0, step) if step and size > window else (0,)
     starts = sorted({align * (int(np.clip(central + k, lo, hi)) // align) for k in shifts})
     return starts, starts.index(align * (central // align))
@@ -135,7 +136,7 @@ def _refine_coords(model, method, params, patches, channels, centres, sigma_vox)
                                   indexing="ij"), axis=-1)                      # [X, Y, Z, 3]
     z = (grid[None] - centres[:, None, None, None]) / sigma_vox
     log_prior = -0.5 * jnp.sum(z * z, axis=-1, keepdims=True)
-    return decode.decode_heatmaps(logits + log_prior, refine=method, kind="logits")[0][:, 0]
+    return heatmaps_lib.decode(logits + log_prior, method, kind="logits")[0][:, 0]
 
 
 def _with_template(config, params, workdir):
@@ -162,11 +163,11 @@ class Refiner:
     +-shift along each axis, patch and prior together, and the seven results are averaged.
     config: the refinement stage's own config (``config_defaults.refine_config``); the two
     keywords default to its ``refine`` group. decode_method: how each refined heatmap is read
-    (``decode.METHODS``).
+    (``heatmaps_lib.METHODS``).
     """
 
     def __init__(self, config, params, prior_sigma_mm: float | None = None,
-                 tta_shift_mm: float | None = None, decode_method: str = decode.DEFAULT_METHOD):
+                 tta_shift_mm: float | None = None, decode_method: str = heatmaps_lib.DEFAULT_METHOD):
         self.config = config
         self.decode_method = decode_method
         self.window = np.array(config.data.crop_shape)
@@ -184,11 +185,10 @@ class Refiner:
 
     def refine(self, image, affine, landmarks) -> np.ndarray:
         """image [X, Y, Z], affine [4, 4], first estimates [19, 3] world RAS mm -> refined [19, 3]."""
-        case = io.Case("refine", np.asarray(image, np.float32), np.asarray(affine, np.float64),
-                       np.full((anatomy.NUM_LANDMARKS, 3), np.nan))
-        prep = preprocess.preprocess_case(case, self.config, fov=False,
-                                          to_template=intensity.template_registration(
-                                              self.config.data))
+        to_template = intensity.template_registration(self.config.data)
+        matrix = None if to_template is None else to_template(image, affine)
+        grid = preprocess.network_grid(affine, image.shape, self.config.data.spacing, matrix)
+        prep = preprocess.preprocess_image(image, affine, *grid, fov=False)
         volume, grid_affine = prep["image"], prep["affine"]
         n = anatomy.NUM_LANDMARKS
         shifts_vox = self.shifts_mm / np.asarray(self.config.data.spacing, np.float64)
@@ -223,15 +223,15 @@ class Predictor:
       training's random crop translation. 0: the central window only.
     flip: also predict on the left-right mirror image and average (test-time augmentation).
     refiner: a ``Refiner`` that moves each landmark found to its refined position, or None.
-    decode_method: how the heatmaps are read (``decode.METHODS``: "argmax" as the paper, or the
+    decode_method: how the heatmaps are read (``heatmaps_lib.METHODS``: "argmax" as the paper, or the
       default sub-voxel fit).
     """
 
     def __init__(self, config, params, batch_size: int | None = None,
                  margin_mm: float | None = None, flip: bool = True,
-                 refiner: Refiner | None = None, decode_method: str = decode.DEFAULT_METHOD):
-        if decode_method not in decode.METHODS:
-            raise CowjaxError(f"decode {decode_method!r}: expected one of {decode.METHODS}")
+                 refiner: Refiner | None = None, decode_method: str = heatmaps_lib.DEFAULT_METHOD):
+        if decode_method not in heatmaps_lib.METHODS:
+            raise CowjaxError(f"decode {decode_method!r}: expected one of {heatmaps_lib.METHODS}")
         self.config = config
         self.flip = flip
         self.decode_method = decode_method
@@ -241,7 +241,7 @@ class Predictor:
         self.params = jax.device_put(params, devices.replicated(self.mesh))
         self.window = tuple(int(n) for n in config.data.crop_shape)
         self.stride = int(config.model.heatmap_stride)
-        self.kind = "logits" if config.loss.heatmap == "softmax_ce" else "gaussian"
+        self.kind = heatmaps_lib.kind_for(config)
         if margin_mm is None:
             margin_mm = config.data.augment.translate_mm
         margin = np.round(margin_mm / np.asarray(config.data.spacing, np.float64)).astype(int)
@@ -255,7 +255,7 @@ class Predictor:
 
     @classmethod
     def from_workdir(cls, workdir, refine: bool = True, tta: bool = True,
-                     decode_method: str = decode.DEFAULT_METHOD, **kwargs) -> "Predictor":
+                     decode_method: str = heatmaps_lib.DEFAULT_METHOD, **kwargs) -> "Predictor":
         """The run's best checkpoint (``checkpoint.load_for_inference``); CowjaxError if none. With
         ``refine``, the refinement stage's too where the run has one (``<workdir>/refine``).
         ``tta=False`` turns test-time augmentation off (no mirror image, no shifted refinement
@@ -283,15 +283,15 @@ class Predictor:
             for j in range(len(chunk)):
                 yield i + j, {k: v[j] for k, v in out.items()}
 
-    def _detect(self, volume, centers):
-        """Windows centred at ``centers`` [N, 3] (grid voxels) -> (landmarks [N, 19, 3] grid voxels,
+    def _detect(self, volume, centres):
+        """Windows centred at ``centres`` [N, 3] (grid voxels) -> (landmarks [N, 19, 3] grid voxels,
         mean landmark confidence [N]), each window decoded on its own."""
         w = np.array(self.window)
-        starts = self.stride * (np.round(np.asarray(centers) - (w - 1) / 2).astype(int)
+        starts = self.stride * (np.round(np.asarray(centres) - (w - 1) / 2).astype(int)
                                 // self.stride)
         coords, scores = np.zeros((len(starts), anatomy.NUM_LANDMARKS, 3)), np.zeros(len(starts))
         for i, out in self._window_outputs(volume, starts, ["heatmaps"]):
-            c, conf = decode.decode_heatmaps(out["heatmaps"][None], self.decode_method,
+            c, conf = heatmaps_lib.decode(out["heatmaps"][None], self.decode_method,
                                              stride=self.stride,
                                              kind=self.kind)
             coords[i] = np.asarray(c[0]) + starts[i]
@@ -314,11 +314,11 @@ class Predictor:
         candidates = np.concatenate([np.asarray(first_guess, np.float64)[None],
                                      np.array(list(itertools.product(*axes)))])
         coords, scores = self._detect(volume, candidates)
-        center = coords[np.argmax(scores)].mean(axis=0)
+        centre = coords[np.argmax(scores)].mean(axis=0)
         for _ in range(refinements):
-            coords, _ = self._detect(volume, center[None])
-            center = coords[0].mean(axis=0)
-        return center
+            coords, _ = self._detect(volume, centre[None])
+            centre = coords[0].mean(axis=0)
+        return centre
 
     def predict(self, image, affine, segmentation: bool = False) -> Prediction:
         """Landmarks of one image. image: [X, Y, Z] (any orientation, any size); affine: [4, 4]
@@ -347,14 +347,14 @@ class Predictor:
                       segmentation: bool) -> tuple[Prediction, np.ndarray | None]:
         """One pass of the network (and the refiner) -> (prediction without the landmark-labelled
         segmentation, the image's lumen mask or None)."""
-        image = np.asarray(image, np.float32)
-        case = io.Case("predict", image, np.asarray(affine, np.float64),
-                       np.full((anatomy.NUM_LANDMARKS, 3), np.nan))
-        prep = preprocess.preprocess_case(case, self.config, to_template=self.to_template)
+        image, affine = np.asarray(image, np.float32), np.asarray(affine, np.float64)
+        matrix = None if self.to_template is None else self.to_template(image, affine)
+        grid = preprocess.network_grid(affine, image.shape, self.config.data.spacing, matrix)
+        prep = preprocess.preprocess_image(image, affine, *grid)
         volume, grid_affine = prep["image"], prep["affine"]
-        center = self.locate(volume, prep["fov_center"])
+        centre = self.locate(volume, prep["fov_centre"])
         per_axis = [_window_starts(c, n, w, st, self.stride) for c, n, w, st in
-                    zip(center, volume.shape, self.window, self.step)]
+                    zip(centre, volume.shape, self.window, self.step)]
         starts = np.array(list(itertools.product(*(s for s, _ in per_axis))))
         central = int(np.ravel_multi_index([i for _, i in per_axis], [len(s) for s, _ in per_axis]))
 
@@ -372,12 +372,12 @@ class Predictor:
                 attributes = out
         heatmaps = heat.result()
         # Windows hanging over the volume's edge see zero padding there: no landmark can be there.
-        centres = [(np.arange(n) + 0.5) * s - 0.5 + o for n, o in zip(heatmaps.shape[:3], origin)]
+        centres = [heatmaps_lib.from_grid(np.arange(n), s) + o for n, o in zip(heatmaps.shape[:3], origin)]
         inside = functools.reduce(np.multiply.outer, [(c >= -0.5) & (c <= n - 0.5) for c, n in
                                                       zip(centres, volume.shape)])
         heatmaps = np.where(inside[..., None], heatmaps, heatmaps.min())
-        coords, confidence = decode.decode_heatmaps(heatmaps[None], self.decode_method, stride=s,
-                                                    kind=self.kind)
+        coords, confidence = heatmaps_lib.decode(heatmaps[None], self.decode_method, stride=s,
+                                                  kind=self.kind)
         landmarks = preprocess.voxel_to_world(np.asarray(coords[0], np.float64) + origin, grid_affine)
         if self.refiner is not None:
             landmarks = self.refiner.refine(image, affine, landmarks)
@@ -387,11 +387,11 @@ class Predictor:
             # The lumen from the image, labelled here by the segmentation head (its class
             # probabilities over the region, which may stick out of the volume, on a grid of their
             # own) and by ``predict`` with the final landmarks.
-            lumen = segment.vessel_mask(image, case.affine)
+            lumen = segment.vessel_mask(image, affine)
             prob = special.softmax(seg.result(), axis=-1)
             region_affine = grid_affine.copy()
             region_affine[:3, 3] = preprocess.voxel_to_world(origin, grid_affine)
-            head_labels = segment.label_lumen(lumen, case.affine, prob, region_affine)
+            head_labels = segment.label_lumen(lumen, affine, prob, region_affine)
         return Prediction(landmarks=landmarks, confidence=np.asarray(confidence[0], np.float64),
                           bifurcation_prob=attributes["bifurcation_prob"].astype(np.float64),
                           present_prob=attributes["present_prob"].astype(np.float64),
@@ -448,7 +448,7 @@ def _image_stem(path: Path) -> str:
 
 
 def run_predict(workdir, input, output, save_segmentation: bool = False, tta: bool = True,
-                decode_method: str = decode.DEFAULT_METHOD, refine: bool = True) -> list[Path]:
+                decode_method: str = heatmaps_lib.DEFAULT_METHOD, refine: bool = True) -> list[Path]:
     """Predict landmarks for one image (``output`` is a file: .mrk.json, .json or .csv) or a directory
     of cases / NIfTI images (``output`` is a directory: ``<case>.mrk.json`` and ``<case>.json`` each).
 

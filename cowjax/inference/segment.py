@@ -7,7 +7,7 @@ its profile falls to half its peak above the surrounding tissue), and each lumen
 segment in one of two ways:
 - ``label_by_landmarks`` (what ``--save_segmentation`` writes): the segments run between the
   predicted landmarks, so a lumen voxel on the shortest in-lumen path between a segment's two end
-  landmarks belongs to it (``data.targets.derive_segments``, the rule that also labels real vessel
+  landmarks belongs to it (``data.labels.derive_segments``, the rule that also labels real vessel
   masks for training); every other vessel (ophthalmic, SCA, distal branches, veins) stays 0;
 - ``label_lumen``: the class the network's segmentation head finds most probable there, where it
   finds the 20 segments together more probable than background (the head's own labelling, which
@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from cowjax.data import preprocess, targets
+from cowjax.data import labels, preprocess
 
 # A tube's lumen: brighter than halfway from the local tissue level to the local peak.
 HALF_MAXIMUM = 0.5
@@ -84,5 +84,5 @@ def label_lumen(mask: np.ndarray, affine: np.ndarray, probabilities: np.ndarray,
 def label_by_landmarks(mask: np.ndarray, affine: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     """Labels 0..20 for the lumen voxels of ``mask`` [X, Y, Z] (image grid, ``affine``) that lie on
     a segment's in-lumen path between its two end landmarks ([19, 3] world RAS mm, predicted);
-    a segment whose path detours round the circle is absent (``targets.derive_segments``)."""
-    return targets.derive_segments(mask, affine, np.asarray(landmarks, np.float64))
+    a segment whose path detours round the circle is absent (``labels.derive_segments``)."""
+    return labels.derive_segments(mask, affine, np.asarray(landmarks, np.float64))

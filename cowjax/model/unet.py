@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cowjax import anatomy
+from cowjax import anatomy, heatmaps
 from cowjax.errors import CowjaxError
 from cowjax.model import conv
 
@@ -256,11 +256,11 @@ def build_model(config) -> CowNet:
                               f"at least two widths")
     if m.conv_impl not in conv.IMPLS:
         raise CowjaxError(f"config.model.conv_impl {m.conv_impl!r}: expected one of {conv.IMPLS}")
-    gaussian = "loss" in config and config.loss.heatmap != "softmax_ce"
     return CowNet(widths=widths, norm=m.norm, dtype=m.dtype, heatmap_stride=int(m.heatmap_stride),
                   segmentation_stride=int(m.segmentation_stride),
                   conv_impl=m.conv_impl,
-                  attention_scale=GAUSSIAN_ATTENTION_SCALE if gaussian else 1.0)
+                  attention_scale=(GAUSSIAN_ATTENTION_SCALE
+                                   if heatmaps.kind_for(config) == "gaussian" else 1.0))
 
 
 def init_params(model: CowNet, key: jax.Array) -> dict:

@@ -30,25 +30,27 @@ import optax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from cowjax import devices, losses
+from cowjax import devices, heatmaps, losses
 from cowjax.errors import CowjaxError, atomic_output
 from cowjax.training import checkpoint as ckpt
 from cowjax.training import state as state_lib
 
 
-def make_train_step(model, config, tx):
-    """The pure train step ``(state, batch) -> (state, metrics)``.
+def make_train_step(model, config, tx, loss_fn=None):
+    """The pure train step ``(state, batch) -> (state, metrics)``; ``loss_fn(outputs, batch,
+    config) -> (loss, terms)`` defaults to ``losses.total_loss``.
 
     A non-finite loss or gradient leaves params and optimizer state unchanged (counted in
     ``state["nonfinite"]`` and metrics["skipped"]; metrics["finite"] tells the host, which stops or
     goes on according to ``config.train.nonfinite``). No randomness: the step is a deterministic function of its inputs.
     """
-    def loss_fn(params, batch):
-        outputs = model.apply({"params": params}, batch["image"])
-        return losses.total_loss(outputs, batch, config)
+    loss_fn = loss_fn or losses.total_loss
+
+    def objective(params, batch):
+        return loss_fn(model.apply({"params": params}, batch["image"]), batch, config)
 
     def step(state, batch):
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+        (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state["params"], batch)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -106,13 +108,12 @@ def _prefetched(iterator, mesh):
 
 def make_eval_fn(model, config):
     """Jitted ``(params, image [B,X,Y,Z,1]) -> coords [B,19,3]`` crop voxel coords."""
-    from cowjax.inference import decode
-    kind = "logits" if config.loss.heatmap == "softmax_ce" else "gaussian"
+    kind = heatmaps.kind_for(config)
 
     @jax.jit
     def predict(params, image):
-        heatmaps = model.apply({"params": params}, image)["heatmaps"]
-        return decode.decode_heatmaps(heatmaps, stride=config.model.heatmap_stride, kind=kind)[0]
+        out = model.apply({"params": params}, image)["heatmaps"]
+        return heatmaps.decode(out, stride=config.model.heatmap_stride, kind=kind)[0]
     return predict
 
 

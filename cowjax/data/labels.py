@@ -1,40 +1,17 @@
-"""Training targets: Gaussian heatmaps (jax, inside the loss) and labels derived from vessel masks.
+"""Labels derived from a vessel mask and the landmarks (host numpy + scipy).
 
-Batches carry landmark coordinates; heatmaps are made on the device from them. Real data usually has
-a binary vessel mask but no segment labels: ``derive_segments`` divides the mask by the landmarks as
+Real data usually has a binary vessel mask but no segment labels: ``derive_segments`` divides the mask by the landmarks as
 the paper does (each segment is the part of the mask on the shortest in-vessel path between its two
 end landmarks), and ``derive_attributes`` reads segment presence and the landmark rule off labels.
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 from scipy import sparse, spatial
 from scipy.sparse import csgraph
 
 from cowjax import anatomy
-
-
-def gaussian_heatmaps(coords, shape, sigma_vox, mask=None):
-    """Separable Gaussian heatmaps, peak 1 at each landmark.
-
-    coords: [B, L, 3] voxel coordinates (NaN = unknown); shape: (X, Y, Z); sigma_vox: scalar or [3];
-    mask: optional [B, L], 0 -> zero map. Returns [B, X, Y, Z, L] float32. Built as the outer product
-    of three 1-D Gaussians per landmark, so the cost is one multiply per output element.
-    """
-    coords = jnp.asarray(coords, jnp.float32)
-    sigma = jnp.broadcast_to(jnp.asarray(sigma_vox, jnp.float32), (3,))
-    valid = jnp.all(jnp.isfinite(coords), axis=-1)
-    if mask is not None:
-        valid = valid & (jnp.asarray(mask) > 0)
-    coords = jnp.where(valid[..., None], coords, 0.0)
-    axes = []
-    for a, n in enumerate(shape):
-        x = jnp.arange(n, dtype=jnp.float32)
-        axes.append(jnp.exp(-0.5 * ((x - coords[..., a, None]) / sigma[a]) ** 2))  # [B, L, n]
-    gx = axes[0] * valid[..., None]
-    return jnp.einsum("blx,bly,blz->bxyzl", gx, axes[1], axes[2])
 
 
 def _mask_graph(vessels: np.ndarray, affine: np.ndarray):
