@@ -1,4 +1,5 @@
-"""cowjax.data.io: landmark formats round-trip, world coordinates survive any affine, bad files fail clearly."""
+"""cowjax.data.io: image and landmark formats round-trip, world coordinates survive any affine and
+any format, bad files fail clearly."""
 
 import gzip
 import json
@@ -191,5 +192,164 @@ def test_load_case_errors(tmp_path):
     with pytest.raises(CowjaxError, match="unknown segment name 'Ba'"):
         io.load_case(tmp_path / "c")
     (tmp_path / "c" / "image.nii.gz").unlink()
-    with pytest.raises(CowjaxError, match="has landmarks but no image.nii.gz"):
+    with pytest.raises(CowjaxError, match="has landmarks but no image"):
         io.list_cases(tmp_path)
+
+
+# ------------------------------------------------------------------------- other image formats
+
+def _oblique_affine():
+    """Oblique, anisotropic, right-handed (a DICOM series can only store right-handed slices)."""
+    a, b = np.deg2rad(20.0), np.deg2rad(-35.0)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rz @ rx @ np.diag([0.7, 0.9, 1.3])
+    affine[:3, 3] = [10.5, -20.25, 33.0]
+    return affine
+
+
+def _write_dicom_series(folder, data, affine):
+    """Write [X, Y, Z] int16 data as one DICOM series, one file per slice, with the tags that carry
+    the geometry (after SimpleITK's DicomSeriesFromArray example)."""
+    import SimpleITK as sitk
+
+    folder.mkdir()
+    image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    lps = np.diag([-1.0, -1.0, 1.0]) @ affine[:3, :3]
+    spacing = np.linalg.norm(lps, axis=0)
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((lps / spacing).ravel().tolist())
+    image.SetOrigin((np.diag([-1.0, -1.0, 1.0]) @ affine[:3, 3]).tolist())
+    d = image.GetDirection()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series = "1.2.826.0.1.3680043.2.1125.7.1"
+    for k in range(image.GetDepth()):
+        s = image[:, :, k]
+        s.SetMetaData("0008|0060", "MR")
+        s.SetMetaData("0020|000d", series + ".1")                                # study
+        s.SetMetaData("0020|000e", series)                                       # series
+        s.SetMetaData("0020|0037", "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7]))))
+        s.SetMetaData("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))
+        s.SetMetaData("0020|0013", str(k + 1))                                   # instance number
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(s)
+
+
+@pytest.mark.parametrize("name", ["v.nii.gz", "v.nii", "v.nrrd", "v.nhdr", "v.mha", "v.mhd", "dicom"])
+def test_image_formats_round_trip(tmp_path, name):
+    """The same volume in every format loads back with the same voxels and the same affine."""
+    data = np.random.default_rng(6).integers(0, 1000, (12, 10, 8)).astype(np.int16)
+    affine = _oblique_affine()
+    path = tmp_path / name
+    if name == "dicom":
+        _write_dicom_series(path, data, affine)
+    else:
+        io.save_image(path, data, affine)
+    assert io.is_image(path) and io.image_stem(path) == name.split(".")[0]
+    got, got_affine = io.load_image(path)
+    assert got.dtype == np.float32 and got.shape == data.shape
+    np.testing.assert_array_equal(got, data)
+    np.testing.assert_allclose(got_affine, affine, atol=1e-4)
+    # A point's world position: the brightest voxel lands at the same place in every format.
+    ijk = np.unravel_index(np.argmax(got), got.shape)
+    np.testing.assert_allclose(got_affine @ [*ijk, 1], affine @ [*np.unravel_index(np.argmax(data),
+                                                                                    data.shape), 1],
+                               atol=1e-4)
+    # No temporary file or folder is left beside the output.
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_itk_formats_keep_label_dtype_and_world(tmp_path, suffix):
+    """uint8 labels stay uint8, and an LPS-stored file matches the NIfTI world, voxel by voxel."""
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 21, (7, 8, 9)).astype(np.uint8)
+    affine = _random_affine(rng)                              # any handedness, permuted axes
+    io.save_image(tmp_path / f"s{suffix}", labels, affine)
+    assert sitk.ReadImage(str(tmp_path / f"s{suffix}")).GetPixelID() == sitk.sitkUInt8
+    io.save_image(tmp_path / "s.nii.gz", labels, affine)
+    a, a_affine = io.load_image(tmp_path / f"s{suffix}")
+    b, b_affine = io.load_image(tmp_path / "s.nii.gz")
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a_affine, b_affine, atol=1e-5)
+    # ITK's own world (LPS) for voxel (1, 2, 3) is the RAS point with x and y negated.
+    lps = sitk.ReadImage(str(tmp_path / f"s{suffix}")).TransformIndexToPhysicalPoint((1, 2, 3))
+    np.testing.assert_allclose(np.multiply(lps, [-1, -1, 1]), (affine @ [1, 2, 3, 1])[:3], atol=1e-5)
+
+
+def test_bad_image_formats(tmp_path):
+    data = np.random.default_rng(8).uniform(size=(6, 6, 6)).astype(np.float32)
+    io.save_image(tmp_path / "ok.nrrd", data, np.eye(4))
+    raw = (tmp_path / "ok.nrrd").read_bytes()
+    (tmp_path / "trunc.nrrd").write_bytes(raw[: len(raw) - 40])
+    (tmp_path / "junk.mha").write_text("not an image at all\n")
+    (tmp_path / "scan.png").write_bytes(b"\x89PNG")
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "empty_dir" / "notes.txt").write_text("x")
+    for name, message in [("scan.png", "unsupported image format.*.nii.gz.*.mha.*DICOM"),
+                          ("trunc.nrrd", "not a readable NRRD image"),
+                          ("junk.mha", "not a readable MetaImage image"),
+                          ("missing.mha", "file not found"),
+                          ("empty_dir", "no DICOM image series")]:
+        with pytest.raises(CowjaxError, match=message) as e:
+            io.load_image(tmp_path / name)
+        assert name in str(e.value) and "\n" not in str(e.value)
+    assert not io.is_image(tmp_path / "scan.png") and not io.is_image(tmp_path / "empty_dir")
+    with pytest.raises(CowjaxError, match="unsupported image format for writing"):
+        io.save_image(tmp_path / "out.png", data, np.eye(4))
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_dicom_folder_with_two_series(tmp_path):
+    import SimpleITK as sitk
+
+    data = np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3)
+    _write_dicom_series(tmp_path / "a", data, _oblique_affine())
+    _write_dicom_series(tmp_path / "b", data, np.diag([1.0, 1.0, 2.0, 1.0]))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for f in (tmp_path / "b").iterdir():                      # b's slices, as another series, into a
+        img = sitk.ReadImage(str(f))
+        img.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.7.2")
+        writer.SetFileName(str(tmp_path / "a" / f"b_{f.name}"))
+        writer.Execute(img)
+    with pytest.raises(CowjaxError, match="holds 2 DICOM series .*7.1.*7.2") as e:
+        io.load_image(tmp_path / "a")
+    assert str(tmp_path / "a") in str(e.value)
+
+
+def test_case_folder_with_other_formats(tmp_path):
+    case = _case(np.random.default_rng(9))
+    io.save_case(tmp_path / "c", case)
+    for stem in ("image", "segments"):
+        (tmp_path / "c" / f"{stem}.nii.gz").unlink()
+    io.save_image(tmp_path / "c" / "image.mha", case.image, case.affine)
+    io.save_image(tmp_path / "c" / "segments.nrrd", case.segments, case.affine)
+    got = io.load_case(tmp_path / "c")
+    np.testing.assert_array_equal(got.image, case.image)
+    np.testing.assert_array_equal(got.segments, case.segments)
+    np.testing.assert_allclose(got.affine, case.affine, atol=1e-5)
+    assert io.case_image(tmp_path / "c") == tmp_path / "c" / "image.mha"
+    assert io.list_cases(tmp_path) == [tmp_path / "c"]
+    io.save_image(tmp_path / "c" / "image.nii.gz", case.image, case.affine)
+    with pytest.raises(CowjaxError, match="several image images.*image.nii.gz.*image.mha"):
+        io.load_case(tmp_path / "c")
+
+
+def test_colour_table(tmp_path):
+    io.write_colour_table(tmp_path / "cow19.ctbl")
+    lines = [line.split() for line in (tmp_path / "cow19.ctbl").read_text().splitlines()
+             if not line.startswith("#")]
+    assert len(lines) == anatomy.NUM_CLASSES == 21
+    assert lines[0] == ["0", "Background", "0", "0", "0", "0"]
+    assert [line[1] for line in lines[1:]] == list(anatomy.SEGMENTS)
+    values = np.array([[int(v) for v in line[2:]] for line in lines])
+    assert [int(line[0]) for line in lines] == list(range(21))
+    assert values.min() >= 0 and values.max() <= 255 and (values[1:, 3] == 255).all()
+    assert len({tuple(v) for v in values[1:, :3]}) == 20               # 20 distinct colours
+    with pytest.raises(CowjaxError, match="must end in .ctbl or .txt"):
+        io.write_colour_table(tmp_path / "cow19.csv")

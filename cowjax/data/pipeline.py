@@ -98,7 +98,7 @@ def prepare_data(config, workdir) -> dict[str, list[Path]]:
         split = {k: [data_dir / n for n in record[k]] for k in _SPLITS}
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise CowjaxError(f"{split_file}: unreadable split record ({e}); delete it to re-split")
-    missing = [str(p) for k in _SPLITS for p in split[k] if not (p / io.IMAGE).is_file()]
+    missing = [str(p) for k in _SPLITS for p in split[k] if io.case_image(p) is None]
     if missing:
         raise CowjaxError(f"{split_file}: {len(missing)} recorded case(s) missing, e.g. "
                           f"{missing[0]}")
@@ -106,8 +106,12 @@ def prepare_data(config, workdir) -> dict[str, list[Path]]:
         # Written with every new split (the template changes with it), kept on resume (the cache
         # keys on its content).
         template_case = data_dir / record.get("template", min(record["train"]))
-        with atomic_output(template_path(workdir)) as tmp:
-            shutil.copyfile(template_case / io.IMAGE, tmp)
+        source = io.case_image(template_case)
+        if io.image_suffix(source) == ".nii.gz":
+            with atomic_output(template_path(workdir)) as tmp:
+                shutil.copyfile(source, tmp)
+        else:  # another format: converted once, so the cache key reads one file
+            io.save_image(template_path(workdir), *io.load_image(source))
     return split
 
 
@@ -130,9 +134,9 @@ def _datasets(data_dir: Path) -> dict[Path, list[Path]]:
     if not data_dir.is_dir():
         return {data_dir: io.list_cases(data_dir)}                 # raises, naming the folder
     subdirs = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    cases = [p for p in subdirs if (p / io.IMAGE).is_file()]
+    cases = [p for p in subdirs if io.case_image(p) is not None]
     groups = [p for p in subdirs if p not in cases
-              and any((q / io.IMAGE).is_file() for q in p.iterdir() if q.is_dir())]
+              and any(io.case_image(q) is not None for q in p.iterdir() if q.is_dir())]
     if cases and groups:
         raise CowjaxError(f"{data_dir}: holds both case folders ({cases[0].name}) and dataset "
                           f"folders ({groups[0].name}); use one kind")
@@ -194,8 +198,8 @@ def _split_from_file(path: Path, data_dir: Path) -> dict[str, list[Path]]:
                               f'folders; "{k}" is not one')
         split[k] = [Path(os.path.normpath(data_dir / n)) for n in names]
         for n, p in zip(names, split[k]):
-            if not (p / io.IMAGE).is_file():
-                raise CowjaxError(f"{path}: {k} case {n!r} not found ({p / io.IMAGE} missing)")
+            if not p.is_dir() or io.case_image(p) is None:
+                raise CowjaxError(f"{path}: {k} case {n!r} not found (no image in {p})")
             if p in seen:
                 raise CowjaxError(f"{path}: case {n!r} is listed twice ({seen[p]} and {k})")
             seen[p] = k
