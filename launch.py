@@ -55,6 +55,10 @@ _PARTS = flags.DEFINE_list("parts", ["model", "step", "inference", "pipeline", "
 
 def _run() -> None:
     mode, workdir, config = _MODE.value, _WORKDIR.value, _CONFIG.value
+    if config is not None:
+        from cowjax import config_check
+        config_check.validate(config)
+        config.lock()  # from here on a mistyped field is an error, not a new setting
     if mode == "train":
         if config is None or workdir is None:
             raise _usage("--mode=train needs --config and --workdir")
@@ -76,8 +80,8 @@ def _run() -> None:
     elif mode == "register":
         if not (_FIXED.value and _MOVING.value and _OUTPUT.value):
             raise _usage("--mode=register needs --fixed, --moving and --output")
-        from cowjax.registration import cli
-        cli.run_register(workdir, _FIXED.value, _MOVING.value, _OUTPUT.value,
+        from cowjax.inference import register
+        register.run_register(workdir, _FIXED.value, _MOVING.value, _OUTPUT.value,
                          transform=_TRANSFORM.value, fixed_landmarks=_FIXED_LM.value,
                          moving_landmarks=_MOVING_LM.value)
     elif mode == "ablate":

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from scipy import stats
 
-from cowjax import config_defaults
+from cowjax import config_check, config_defaults
 from cowjax.errors import CowjaxError, atomic_output
 from cowjax import figures, metrics
 from cowjax.inference import evaluate
@@ -376,6 +376,7 @@ def run_ablation(base: ml_collections.ConfigDict, workdir, seeds: int = 3, data_
     Returns the report (as report.json). User mistakes (``seeds`` < 1, a workdir that is a file, a
     workdir started with another base config) are CowjaxErrors, raised before anything is trained.
     """
+    config_check.validate(base)
     root = Path(workdir)
     runs = arm_configs(base, seeds)
     for path in (root, *(root / n for n in runs)):

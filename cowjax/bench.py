@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cowjax import anatomy, devices
+from cowjax import config_check, devices
+from cowjax.errors import CowjaxError
 from cowjax.model import unet
 
 PARTS = ("model", "step", "step_mse", "inference", "pipeline", "synthetic", "memory")
@@ -198,8 +199,8 @@ def run_bench(config, parts=PARTS, repeats: int = 5) -> None:
     """Measure the chosen ``parts`` (see ``PARTS``) for ``config`` and print JSON lines."""
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
-        from cowjax.errors import CowjaxError
         raise CowjaxError(f"--parts: unknown {unknown}; choose from {list(PARTS)}")
+    config_check.validate(config)
     model = unet.build_model(config)
     shape = tuple(int(n) for n in config.data.crop_shape)
     params = unet.init_params(model, jax.random.key(config.seed))

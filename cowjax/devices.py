@@ -74,9 +74,6 @@ def steps_per_call(requested: int = 0) -> int:
     page faults (BENCHMARKS.md). Several steps unrolled in one program share one allocation; on
     GPU/TPU a call costs little and unrolling only lengthens compilation.
     """
-    if requested < 0:
-        from cowjax.errors import CowjaxError
-        raise CowjaxError(f"config.train.steps_per_call={requested} must be 0 (auto) or positive")
     if requested:
         return requested
     return 4 if jax.default_backend() == "cpu" else 1

@@ -1,4 +1,8 @@
-"""Report figures as PNG (matplotlib, Agg backend: no display needed)."""
+"""Report figures as PNG (matplotlib, Agg backend: no display needed).
+
+Every image panel is a maximum intensity projection drawn one way (``_mip``): axial or coronal, in
+world mm, radiological (patient right on the image's left, as clinicians read), R and L marked.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cowjax import anatomy  # noqa: E402
+from cowjax import anatomy, metrics  # noqa: E402
+from cowjax.data import preprocess  # noqa: E402
 from cowjax.errors import atomic_output  # noqa: E402
-from cowjax import metrics  # noqa: E402
 
 
 def _save(fig, path) -> Path:
@@ -47,32 +51,6 @@ def landmark_error_bars(path, errors_by_run: dict[str, np.ndarray]) -> Path:
     return _save(fig, path)
 
 
-def landmark_mips(path, image, grid_affine, true_ras, pred_ras, title: str) -> Path:
-    """Axial and coronal maximum intensity projections with true (green) and predicted (red) points.
-
-    image: [X, Y, Z] on a RAS-aligned grid (``grid_affine`` diagonal + origin); landmarks [19, 3] RAS.
-    """
-    spacing, origin = np.diag(grid_affine)[:3], grid_affine[:3, 3]
-    lo = origin - spacing / 2
-    hi = origin + (np.array(image.shape) - 0.5) * spacing
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
-    for ax, (proj, (a, b)) in zip(axes, [(2, (0, 1)), (1, (0, 2))]):
-        ax.imshow(image.max(axis=proj).T, origin="lower", cmap="gray",
-                  extent=(lo[a], hi[a], lo[b], hi[b]), aspect="equal")
-        for pts, colour, label in ((true_ras, "lime", "true"), (pred_ras, "red", "predicted")):
-            ax.scatter(pts[:, a], pts[:, b], s=22, facecolors="none", edgecolors=colour,
-                       linewidths=1.3, label=label)
-        for t, p in zip(true_ras, pred_ras):
-            if np.all(np.isfinite(t)):
-                ax.plot([t[a], p[a]], [t[b], p[b]], color="yellow", linewidth=0.6)
-        ax.set_xlabel("x (mm, +R)")
-        ax.set_ylabel("y (mm, +A)" if b == 1 else "z (mm, +S)")
-        ax.set_title("axial MIP" if proj == 2 else "coronal MIP")
-    axes[0].legend(loc="upper right", fontsize=8)
-    fig.suptitle(title)
-    return _save(fig, path)
-
-
 # One colour per segment (class 1 + j gets SEGMENT_COLOURS[j]): matplotlib's 20 qualitative colours.
 SEGMENT_COLOURS = np.array(plt.get_cmap("tab20").colors)
 
@@ -85,30 +63,89 @@ def _label_mip(image, labels, axis):
                     np.take_along_axis(labels, idx, axis), 0).squeeze(axis)
 
 
-def segment_mips(path, image, grid_affine, labels_by_row: dict[str, np.ndarray], title: str) -> Path:
-    """Axial and coronal MIPs with segment labels in colour, one row per labelling (e.g. truth and
-    prediction), and a legend of the 20 segments.
+# The two MIP views: (projected axis, horizontal world axis, vertical world axis).
+_VIEWS = {"axial": (2, 0, 1), "coronal": (1, 0, 2)}
+_AXIS_LABELS = ("x (mm, +R)", "y (mm, anterior up)", "z (mm, superior up)")
+_ORANGE = np.array([1.0, 0.55, 0.0])
+# Figures of whole images are drawn on a RAS-aligned grid with at most this many voxels per axis.
+_DISPLAY_VOXELS = 256
+
+
+def _mip(ax, image, grid_affine, view: str, labels=None, overlay=None) -> tuple[int, int]:
+    """Draw the grey maximum intensity projection of ``image`` [X, Y, Z] on a RAS-aligned grid
+    (``grid_affine``: diag(spacing) + origin) in world mm, radiological: patient right on the left
+    (x grows leftwards), anterior (axial) or superior (coronal) up.
+
+    labels: optional [X, Y, Z] segment labels drawn in colour over it (``_label_mip``); overlay:
+    optional [X, Y, Z] second image on the same grid, its MIP drawn in orange over the grey (at most
+    60% opaque, so the grey shows through). Returns the world axes (horizontal, vertical) for
+    drawing points in world mm.
+    """
+    drop, h, v = _VIEWS[view]
+    spacing, origin = np.diag(grid_affine)[:3], grid_affine[:3, 3]
+    lo, hi = origin - spacing / 2, origin + (np.array(image.shape) - 0.5) * spacing
+    extent = (lo[h], hi[h], lo[v], hi[v])
+    mip = image.max(axis=drop)
+    # Background to black, the brightest vessels just saturated.
+    vmin, vmax = np.percentile(mip, [20, 99.8])
+    ax.imshow(mip.T, origin="lower", cmap="gray", vmin=vmin, vmax=vmax, extent=extent)
+    if labels is not None:
+        colours = np.concatenate([np.zeros((1, 3)), SEGMENT_COLOURS])
+        ray = _label_mip(image, labels, drop).T
+        rgba = np.concatenate([colours[ray], (ray > 0)[..., None] * 0.85], axis=-1)
+        ax.imshow(rgba, origin="lower", extent=extent, interpolation="nearest")
+    if overlay is not None:
+        top = overlay.max(axis=drop).T
+        lo_o, hi_o = np.percentile(top, [20, 99.8])
+        alpha = 0.6 * np.clip((top - lo_o) / max(hi_o - lo_o, 1e-12), 0.0, 1.0)
+        ax.imshow(np.concatenate([np.broadcast_to(_ORANGE, top.shape + (3,)), alpha[..., None]],
+                                 axis=-1), origin="lower", extent=extent)
+    ax.set_xlim(hi[h], lo[h])                                    # patient right on the left
+    ax.set_ylim(lo[v], hi[v])
+    ax.set_aspect("equal")
+    ax.set_xlabel(_AXIS_LABELS[h])
+    ax.set_ylabel(_AXIS_LABELS[v])
+    for x, side in ((0.01, "R"), (0.99, "L")):
+        ax.text(x, 0.5, side, transform=ax.transAxes, ha="left" if side == "R" else "right",
+                va="center", color="yellow", fontsize=11, fontweight="bold")
+    return h, v
+
+
+def landmark_mips(path, image, grid_affine, true_ras, pred_ras, title: str) -> Path:
+    """Axial and coronal MIPs (``_mip``) with true (green) and predicted (red) points.
+
+    image: [X, Y, Z] on a RAS-aligned grid (``grid_affine`` diagonal + origin); landmarks [19, 3]
+    RAS.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax, view in zip(axes, _VIEWS):
+        a, b = _mip(ax, image, grid_affine, view)
+        for pts, colour, label in ((true_ras, "lime", "true"), (pred_ras, "red", "predicted")):
+            ax.scatter(pts[:, a], pts[:, b], s=22, facecolors="none", edgecolors=colour,
+                       linewidths=1.3, label=label)
+        for t, p in zip(true_ras, pred_ras):
+            if np.all(np.isfinite(t)):
+                ax.plot([t[a], p[a]], [t[b], p[b]], color="yellow", linewidth=0.6)
+        ax.set_title(f"{view} MIP")
+    axes[0].legend(loc="upper right", fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def segment_mips(path, image, grid_affine, labels_by_row: dict[str, np.ndarray],
+                 title: str) -> Path:
+    """Axial and coronal MIPs (``_mip``) with segment labels in colour, one row per labelling (e.g.
+    truth and prediction), and a legend of the 20 segments.
 
     image and each labelling: [X, Y, Z] on one RAS-aligned grid (``grid_affine`` diagonal + origin).
     A ray's colour is the label of its brightest labelled voxel, as the grey MIP shows that voxel.
     """
-    spacing, origin = np.diag(grid_affine)[:3], grid_affine[:3, 3]
-    lo = origin - spacing / 2
-    hi = origin + (np.array(image.shape) - 0.5) * spacing
     rows = len(labels_by_row)
     fig, axes = plt.subplots(rows, 2, figsize=(11, 4.6 * rows), squeeze=False)
-    colours = np.concatenate([np.zeros((1, 3)), SEGMENT_COLOURS])
     for r, (name, labels) in enumerate(labels_by_row.items()):
-        for ax, (proj, (a, b)) in zip(axes[r], [(2, (0, 1)), (1, (0, 2))]):
-            extent = (lo[a], hi[a], lo[b], hi[b])
-            ax.imshow(image.max(axis=proj).T, origin="lower", cmap="gray", extent=extent,
-                      aspect="equal")
-            mip = _label_mip(image, labels, proj).T
-            rgba = np.concatenate([colours[mip], (mip > 0)[..., None] * 0.85], axis=-1)
-            ax.imshow(rgba, origin="lower", extent=extent, aspect="equal", interpolation="nearest")
-            ax.set_title(f"{name}: {'axial' if proj == 2 else 'coronal'} MIP")
-            ax.set_xlabel("x (mm, +R)")
-            ax.set_ylabel("y (mm, +A)" if b == 1 else "z (mm, +S)")
+        for ax, view in zip(axes[r], _VIEWS):
+            _mip(ax, image, grid_affine, view, labels)
+            ax.set_title(f"{name}: {view} MIP")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in SEGMENT_COLOURS]
     fig.legend(handles, anatomy.SEGMENTS, loc="center right", fontsize=7, frameon=False)
     fig.suptitle(title)
@@ -209,32 +246,54 @@ def paired_differences(path, differences: dict[str, dict], reference: str) -> Pa
 
 
 def case_preview(path, case) -> Path:
-    """Axial and coronal maximum intensity projections of a case with its 19 landmarks.
+    """Axial and coronal MIPs (``_mip``) of a case with its 19 landmarks named; those known absent
+    (``case.attributes``) in orange.
 
-    Radiological convention: patient right on the image left, anterior (axial) and superior
-    (coronal) up. The image is permuted/flipped to the nearest RAS axes first (no resampling);
-    landmarks known absent (``case.attributes``) are orange.
+    The image is permuted/flipped onto its nearest RAS axes (nibabel, no resampling) and drawn in
+    mm along them: world mm for an image stored along RAS axes, the image's own axes when oblique.
     """
     canonical = nib.as_closest_canonical(nib.Nifti1Image(case.image, case.affine))
-    img, affine = np.asarray(canonical.dataobj), canonical.affine
-    inv = np.linalg.inv(affine)
-    vox = case.landmarks @ inv[:3, :3].T + inv[:3, 3]
+    affine = canonical.affine
+    grid_affine = np.diag(np.append(np.linalg.norm(affine[:3, :3], axis=0), 1.0))
+    grid_affine[:3, 3] = affine[:3, 3]
+    points = preprocess.voxel_to_world(preprocess.world_to_voxel(case.landmarks, affine),
+                                       grid_affine)
     present = case.attributes["landmarks"] if case.attributes else {}
     fig, axes = plt.subplots(1, 2, figsize=(13, 6.5))
-    for ax, (drop, (h, v), title) in zip(axes, [(2, (0, 1), "axial MIP (anterior up)"),
-                                                (1, (0, 2), "coronal MIP (superior up)")]):
-        mip = img.max(axis=drop)
-        lo, hi = np.percentile(mip, [20, 99.8])
-        sp = np.linalg.norm(affine[:3, :3], axis=0)
-        ax.imshow(mip.T, origin="lower", cmap="gray", vmin=lo, vmax=hi, aspect=sp[v] / sp[h])
-        ax.invert_xaxis()                                           # patient right on the left
+    for ax, view in zip(axes, _VIEWS):
+        h, v = _mip(ax, np.asarray(canonical.dataobj), grid_affine, view)
         for k, name in enumerate(anatomy.LANDMARKS):
             colour = "lime" if present.get(name, True) else "orange"
-            ax.plot(vox[k, h], vox[k, v], "+", color=colour, ms=9, mew=1.5)
-            ax.annotate(name, (vox[k, h], vox[k, v]), color=colour, fontsize=6.5,
+            ax.plot(points[k, h], points[k, v], "+", color=colour, ms=9, mew=1.5)
+            ax.annotate(name, (points[k, h], points[k, v]), color=colour, fontsize=6.5,
                         xytext=(3, 3), textcoords="offset points")
-        ax.set_title(f"{case.case_id}: {title}; R on the left", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set_title(f"{case.case_id}: {view} MIP", fontsize=9)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def registration_overlay(path, fixed, fixed_affine, moving, moved_affine, fixed_lm, moved_lm,
+                         used, title: str = "") -> Path:
+    """Axial and coronal MIPs (``_mip``) of the fixed image (grey) with the moved one (orange) and
+    the landmarks used (fixed: cyan circles, moved: magenta crosses).
+
+    fixed, moving: [X, Y, Z] on their own grids; moved_affine: the moving image's affine already
+    composed with the transform, so both are drawn in fixed world space (resampled onto one
+    RAS-aligned grid of at most ``_DISPLAY_VOXELS`` per axis). Landmarks [19, 3] RAS; used [19].
+    """
+    spacing = np.linalg.norm(fixed_affine[:3, :3], axis=0)
+    extent = np.abs(fixed_affine[:3, :3]) @ (np.array(fixed.shape) - 1)
+    step = max(spacing.min(), extent.max() / (_DISPLAY_VOXELS - 1))
+    grid_affine, grid_shape = preprocess.canonical_grid(fixed_affine, fixed.shape, (step,) * 3)
+    f = preprocess.resample(fixed, fixed_affine, grid_affine, grid_shape, order=1)
+    m = preprocess.resample(moving, moved_affine, grid_affine, grid_shape, order=1)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.5))
+    for ax, view in zip(axes, _VIEWS):
+        h, v = _mip(ax, f, grid_affine, view, overlay=m)
+        for pts, style in ((fixed_lm, dict(marker="o", mfc="none", mec="cyan", ms=8, mew=1.5)),
+                           (moved_lm, dict(marker="+", color="magenta", ms=9, mew=1.5))):
+            p = np.asarray(pts)[np.asarray(used, bool)]
+            ax.plot(p[:, h], p[:, v], ls="none", **style)
+        ax.set_title(f"{view} MIP")
+    fig.suptitle(f"{title}\ngrey: fixed, orange: moved; cyan o: fixed landmarks, magenta +: moved")
     return _save(fig, path)

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from cowjax import anatomy, heatmaps
 
 # A target voxel above this (Gaussian peak 1) counts as foreground for the ratio weighting.
 FOREGROUND_THRESHOLD = 0.01
-SEGMENTATION_LOSSES = ("dice", "dice_ce")
 _EPS = 1e-6
 
 
@@ -152,20 +150,12 @@ def total_loss(outputs, batch, config):
     if lc.w_heatmap:
         hm = outputs["heatmaps"]
         target = heatmaps.targets(batch["landmarks"], hm.shape[1:4], config)
-        if lc.heatmap == "l2":
-            terms["heatmap"] = heatmap_l2(hm, target, batch["landmark_mask"])
-        elif lc.heatmap == "softmax_ce":
-            terms["heatmap"] = heatmap_softmax_ce(hm, target, batch["landmark_mask"])
-        else:
-            raise ValueError(f"config.loss.heatmap: unknown {lc.heatmap!r}; 'l2' or 'softmax_ce'")
+        loss = heatmap_l2 if lc.heatmap == "l2" else heatmap_softmax_ce
+        terms["heatmap"] = loss(hm, target, batch["landmark_mask"])
     if lc.w_segmentation:
         seg_args = (outputs["segmentation"], batch["segments"], batch["segments_mask"])
-        kind = lc.get("segmentation", "dice")
-        if kind not in SEGMENTATION_LOSSES:
-            raise ValueError(f"config.loss.segmentation: unknown {kind!r}; one of "
-                             f"{SEGMENTATION_LOSSES}")
         terms["segmentation"] = dice_loss(*seg_args)
-        if kind == "dice_ce":
+        if lc.segmentation == "dice_ce":
             terms["segmentation"] = terms["segmentation"] + segmentation_ce(*seg_args)
     if lc.w_landmark_attr:
         terms["landmark_attr"] = attribute_bce(outputs["landmark_attr"], batch["landmark_attr"],

@@ -16,6 +16,8 @@ from cowjax import ablation, anatomy
 from cowjax.errors import CowjaxError
 from cowjax.training import checkpoint as ckpt
 
+pytestmark = pytest.mark.slow  # trains real runs: minutes on a 2-core CPU
+
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = 2
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from cowjax import config_check
+from cowjax.errors import CowjaxError
 from cowjax.model import unet
 from configs import demo, paper, test as test_config
 
@@ -123,3 +126,39 @@ def test_epochs_count_nothing_by_default():
     assert c.num_epochs == 0
     resolved = train.resolve_config(c, "runs/x", {"train": list(range(135))})
     assert resolved.num_train_steps == c.num_train_steps and resolved.data.template == ""
+
+
+@pytest.mark.parametrize("group, field, value, message", [
+    ("model", "norm", "batch", "config.model.norm: unknown 'batch'"),
+    ("model", "heatmap_stride", 3, "config.model.heatmap_stride 3: expected 1, or 2"),
+    ("model", "segmentation_stride", 4, "config.model.segmentation_stride 4"),
+    ("model", "conv_impl", "fft", "config.model.conv_impl: unknown 'fft'"),
+    ("loss", "segmentation", "focal", "config.loss.segmentation: unknown 'focal'"),
+    ("loss", "heatmap", "l1", "config.loss.heatmap: unknown 'l1'"),
+    ("loss", "w_consistency", -1.0, "config.loss.w_consistency=-1.0 must be 0 (off) or more"),
+    ("optim", "schedule", "step", "config.optim.schedule: unknown 'step'"),
+    ("train", "nonfinite", "ignore", "config.train.nonfinite: unknown 'ignore'"),
+    ("train", "steps_per_call", -1, "config.train.steps_per_call=-1 must be 0 (auto)"),
+    ("data", "crop_centre", "nowhere", "config.data.crop_centre: unknown 'nowhere'"),
+    ("data", "registration", "affine", "config.data.registration: unknown 'affine'"),
+    ("data", "crop_shape", (31, 32, 16), "config.data.crop_shape (31, 32, 16): every side must be "
+                                         "a multiple of 2"),
+    ("data", "split_counts", (2, 1), "config.data.split_counts = (2, 1): expected three"),
+    ("data", "split", (0.5, -0.1, 0.6), "config.data.split = "),
+    (None, "batch_size", 0, "config.batch_size=0 must be positive"),
+    (None, "num_train_steps", 0, "config.num_train_steps=0 must be at least 1"),
+])
+def test_validate_names_the_first_bad_field(group, field, value, message):
+    config = test_config.get_config()
+    config_check.validate(config)                        # the test config itself is valid
+    (config[group] if group else config)[field] = value
+    with pytest.raises(CowjaxError, match=re.escape(message)):
+        config_check.validate(config)
+
+
+def test_validate_checks_the_refinement_stage_as_its_own_config():
+    config = demo.get_config()
+    config_check.validate(config)
+    config.refine.crop_shape = (25, 24, 24)
+    with pytest.raises(CowjaxError, match=r"crop_shape \(25, 24, 24\)"):
+        config_check.validate(config)

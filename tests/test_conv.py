@@ -37,11 +37,15 @@ def test_formulation_matches_native(impl, shape, cin, cout):
     assert _rel(gw, ref_gw) < 1e-4
 
 
-def test_auto_is_native_off_cpu():
-    assert conv.resolve_impl("auto", "cpu", (1, 64, 64, 48, 1)) in conv.IMPLS
+def test_auto_is_native_off_cpu_and_a_depth_formulation_on_it():
     assert conv.resolve_impl("auto", "gpu") == "native"
     assert conv.resolve_impl("auto", "tpu") == "native"
-    assert conv.resolve_impl("auto", "cpu") in conv.IMPLS
+    # On a CPU: depth_stack for few input channels or a small grid, depth_sum otherwise.
+    assert conv.resolve_impl("auto", "cpu", (1, 64, 64, 48, 1)) == "depth_stack"
+    assert conv.resolve_impl("auto", "cpu", (1, 8, 8, 8, 128)) == "depth_stack"
+    assert conv.resolve_impl("auto", "cpu", (1, 32, 32, 24, 64)) == "depth_sum"
+    assert conv.resolve_impl("auto", "cpu") == "depth_sum"      # a typical layer
+    assert conv.resolve_impl("im2col", "gpu") == "im2col"        # an explicit choice is kept
 
 
 def test_bad_kernel_and_impl_rejected():

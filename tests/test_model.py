@@ -74,13 +74,7 @@ def test_half_resolution_heads_skip_the_full_resolution_decoder():
     assert out["heatmaps"].shape == (1, *(n // 2 for n in SHAPE), anatomy.NUM_LANDMARKS)
 
 
-def test_bad_config_and_input_raise():
-    with pytest.raises(CowjaxError, match="norm"):
-        _model(norm="batch")
-    with pytest.raises(CowjaxError, match="heatmap_stride"):
-        _model(heatmap_stride=3)
-    with pytest.raises(CowjaxError, match="segmentation_stride"):
-        _model(segmentation_stride=4)
+def test_input_not_divisible_by_the_pooling_is_refused():
     model = _model()
     params = unet.init_params(model, jax.random.key(0))
     with pytest.raises(CowjaxError, match="divisible"):

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import jax
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -11,7 +12,8 @@ from configs import test as test_config
 from cowjax import anatomy
 from cowjax.data import io, preprocess
 from cowjax.errors import CowjaxError
-from cowjax.inference import evaluate, predict
+from cowjax.inference import evaluate, predict, windows
+from cowjax.inference.predictor import Predictor
 from cowjax.model import unet
 
 L = anatomy.NUM_LANDMARKS
@@ -62,11 +64,10 @@ class _EchoNet:
                 "present_prob": np.full((b, anatomy.NUM_SEGMENTS), 0.5, np.float32)}
 
 
-def _echo_predictor(stride):
-    config = _config(stride)
-    pred = predict.Predictor(config, params=None, batch_size=1)  # one forward call per window
-    pred._forward = _EchoNet(stride)
-    return pred
+def _echo_predictor(stride, forward=None, **kwargs):
+    """A Predictor on the stand-in network, one forward call per window."""
+    return Predictor(_config(stride), params=None, batch_size=1,
+                     forward=forward or _EchoNet(stride), **kwargs)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -80,7 +81,7 @@ def test_world_coordinates_survive_any_affine_and_size(stride, affine, shape, wi
     predictor = _echo_predictor(stride)
     predictor.locate = lambda volume, first_guess: first_guess  # windows counted here: not the search
     pred = predictor.predict(_blob_image(affine, shape, centre), affine)
-    assert windows is None or predictor._forward.calls == 2 * windows   # and the mirror image
+    assert windows is None or predictor.forward.calls == 2 * windows    # and the mirror image
     assert pred.landmarks.shape == (L, 3) and pred.confidence.shape == (L,)
     # Grid spacing is 3 mm; the peak is recovered to a fraction of a voxel.
     np.testing.assert_allclose(pred.landmarks, np.broadcast_to(centre, (L, 3)), atol=0.5)
@@ -91,9 +92,9 @@ def test_locate_finds_the_circle_far_from_the_first_guess(stride):
     affine = _affine((2.0, 2.0, 2.0), origin=(-60.0, -80.0, -50.0))
     shape, centre = (90, 85, 60), np.array([70.0, 60.0, 40.0])   # near a corner of the volume
     predictor = _echo_predictor(stride)
-    prep = preprocess.preprocess_case(
-        io.Case("blob", _blob_image(affine, shape, centre, sigma_mm=6.0), affine,
-                np.full((L, 3), np.nan)), predictor.config)
+    grid = preprocess.network_grid(affine, shape, predictor.config.data.spacing)
+    prep = preprocess.preprocess_image(_blob_image(affine, shape, centre, sigma_mm=6.0), affine,
+                                       *grid)
     found = predictor.locate(prep["image"], np.zeros(3))          # first guess: the far corner
     want = preprocess.world_to_voxel(centre, prep["affine"])
     assert np.linalg.norm(found - want) < 1.0                     # grid voxels (3 mm)
@@ -103,30 +104,29 @@ def test_landmarks_stay_inside_the_image():
     """Zero padding beyond the volume's edge must never win, even where the heatmap is highest."""
     affine = _affine((1.5, 1.5, 1.5))
     img = _blob_image(affine, (40, 40, 30), np.zeros(3), noise=0.3) + 0.1
-    predictor = _echo_predictor(1)
-    echo = predictor._forward
+    echo = _EchoNet(1)
 
     def inverted(params, x):  # highest where the image is darkest: the zero padding
         out = echo(params, x)
         return {**out, "heatmaps": -out["heatmaps"]}
 
-    predictor._forward = inverted
+    predictor = _echo_predictor(1, inverted)
     vox = preprocess.world_to_voxel(predictor.predict(img, affine).landmarks, affine)
     assert np.all((vox >= -0.5) & (vox <= np.array(img.shape) - 0.5))
 
 
 def test_sliding_windows_and_blending():
-    starts, central = predict._window_starts(40.0, size=100, window=32, step=6, align=2)
+    starts, central = windows.axis_starts(40.0, size=100, window=32, step=6, align=2)
     assert starts == [18, 24, 30] and starts[central] == 24
     # Kept inside the volume, and one window when the volume is smaller than it.
-    starts, _ = predict._window_starts(90.0, size=100, window=32, step=6, align=1)
+    starts, _ = windows.axis_starts(90.0, size=100, window=32, step=6, align=1)
     assert starts == [62, 68]
-    starts, central = predict._window_starts(5.0, size=12, window=32, step=6, align=1)
+    starts, central = windows.axis_starts(5.0, size=12, window=32, step=6, align=1)
     assert len(starts) == 1 and -20 <= starts[0] <= 0 and central == 0
     # Windows cut from one field blend back to that field wherever they cover it.
     field = np.random.default_rng(0).random((6, 5, 6, 2)).astype(np.float32)
     starts = np.array([[0, 0, 0], [2, 1, 2], [2, 0, 0], [0, 1, 2]])
-    blend = predict._Blend((6, 5, 6), (4, 4, 4), 2)
+    blend = windows.Blend((6, 5, 6), (4, 4, 4), 2)
     covered = np.zeros((6, 5, 6), bool)
     for a, b, c in starts:
         blend.add(field[a:a + 4, b:b + 4, c:c + 4], (a, b, c))
@@ -168,7 +168,7 @@ def test_ras_and_lps_storage_give_same_world_landmarks(workdir, tmp_path):
     flip[:2, 3] = np.array(img.shape[:2]) - 1
     io.save_image(tmp_path / "ras.nii.gz", img, affine)
     io.save_image(tmp_path / "lps.nii.gz", img[::-1, ::-1], affine @ flip)
-    predictor = predict.Predictor.from_workdir(workdir)
+    predictor = Predictor.from_workdir(workdir)
     a = predictor.predict(*io.load_image(tmp_path / "ras.nii.gz"))
     b = predictor.predict(*io.load_image(tmp_path / "lps.nii.gz"))
     np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-3)
@@ -181,9 +181,9 @@ def test_windows_split_over_devices_give_the_same_prediction(workdir):
     from cowjax.training import checkpoint
     config, params = checkpoint.load_for_inference(workdir)
     img, affine = _image()
-    one = predict.Predictor(config, params, batch_size=1, margin_mm=3.0).predict(img, affine)
+    one = Predictor(config, params, batch_size=1, margin_mm=3.0).predict(img, affine)
     n = 2 * jax.local_device_count()          # 27 windows: the last batch is partly padding
-    many = predict.Predictor(config, params, batch_size=n, margin_mm=3.0)
+    many = Predictor(config, params, batch_size=n, margin_mm=3.0)
     assert many.mesh.size == jax.local_device_count()
     got = many.predict(img, affine)
     np.testing.assert_allclose(got.landmarks, one.landmarks, atol=1e-3)
@@ -195,7 +195,7 @@ def test_softmax_model_confidences_are_probabilities(workdir):
     config, params = checkpoint.load_for_inference(workdir)
     config.loss.heatmap = "softmax_ce"
     img, affine = _image()
-    pred = predict.Predictor(config, params, margin_mm=3.0).predict(img, affine)
+    pred = Predictor(config, params, margin_mm=3.0).predict(img, affine)
     assert np.all(np.isfinite(pred.landmarks))
     assert np.all((pred.confidence > 0) & (pred.confidence <= 1 + 1e-6))
 
@@ -203,7 +203,7 @@ def test_softmax_model_confidences_are_probabilities(workdir):
 def test_every_output_format_reads_back(workdir, tmp_path):
     img, affine = _image()
     io.save_image(tmp_path / "img.nii.gz", img, affine)
-    expected = predict.Predictor.from_workdir(workdir).predict(img, affine)
+    expected = Predictor.from_workdir(workdir).predict(img, affine)
     for name in ("out.mrk.json", "out.csv", "out.json"):
         predict.run_predict(workdir, tmp_path / "img.nii.gz", tmp_path / name,
                             save_segmentation=name == "out.json")
@@ -214,7 +214,8 @@ def test_every_output_format_reads_back(workdir, tmp_path):
     np.testing.assert_allclose(got, expected.landmarks, atol=1e-6)
     assert set(doc["segments"]) == set(anatomy.SEGMENTS)
     assert all(0 <= v["bifurcation_prob"] <= 1 for v in doc["landmarks"].values())
-    seg, seg_affine = io._load_volume(tmp_path / "out_segments.nii.gz")[:2]
+    written = nib.load(tmp_path / "out_segments.nii.gz")
+    seg, seg_affine = np.asarray(written.dataobj), written.affine
     assert seg.shape == img.shape and seg.dtype == np.uint8 and seg.max() <= anatomy.NUM_SEGMENTS
     np.testing.assert_allclose(seg_affine, affine, atol=1e-5)
 
@@ -225,14 +226,21 @@ def test_directories_of_cases_and_of_images(workdir, tmp_path):
         io.save_case(tmp_path / "cases" / cid,
                      io.Case(cid, img, affine, np.full((L, 3), np.nan)))
     (tmp_path / "images").mkdir()
-    io.save_image(tmp_path / "images" / "x1.nii.gz", img, affine)
+    # The same volume in NIfTI, MetaImage and NRRD: the same world landmarks.
+    for name in ("x1.nii.gz", "x2.mha", "x3.nrrd"):
+        io.save_image(tmp_path / "images" / name, img, affine)
     predict.run_predict(workdir, tmp_path / "cases", tmp_path / "out_cases")
     predict.run_predict(workdir, tmp_path / "images", tmp_path / "out_images", save_segmentation=True)
     names = sorted(p.name for p in (tmp_path / "out_cases").iterdir())
     assert names == ["case_a.json", "case_a.mrk.json", "case_b.json", "case_b.mrk.json"]
     names = sorted(p.name for p in (tmp_path / "out_images").iterdir())
-    assert names == ["x1.json", "x1.mrk.json", "x1_segments.nii.gz"]
+    assert names == ["segments.ctbl"] + [f"x{i}{s}" for i in (1, 2, 3)
+                                         for s in (".json", ".mrk.json", "_segments.nii.gz")]
     assert np.all(np.isfinite(io.read_landmarks(tmp_path / "out_cases" / "case_b.mrk.json")))
+    first = io.read_landmarks(tmp_path / "out_images" / "x1.mrk.json")
+    for other in ("x2", "x3"):
+        np.testing.assert_allclose(io.read_landmarks(tmp_path / "out_images" / f"{other}.mrk.json"),
+                                   first, atol=1e-3)
 
 
 def test_bad_inputs_raise_one_clear_error(workdir, tmp_path):
@@ -280,7 +288,7 @@ def test_eval_scores_cases_and_writes_the_report(workdir, tmp_path, capsys):
         assert (out / name).is_file(), name
     assert reports[str(other)]["groups"]["all"]["mre_mm"] == pytest.approx(
         report["groups"]["all"]["mre_mm"])
-    pred = predict.Predictor.from_workdir(workdir).predict(img, affine)
+    pred = Predictor.from_workdir(workdir).predict(img, affine)
     err = np.linalg.norm(pred.landmarks - truth, axis=-1)
     g = report["groups"]["all"]
     assert g["num_cases"] == 2 and g["num_landmarks"] == 2 * (L - 1)
@@ -291,21 +299,60 @@ def test_eval_scores_cases_and_writes_the_report(workdir, tmp_path, capsys):
     assert "report.md" in capsys.readouterr().out
 
 
+def test_eval_names_the_cases_of_two_datasets_apart(workdir, tmp_path):
+    """Two datasets of the test split both hold ``c1``: each gets its own report entry and
+    figure."""
+    img, affine = _image()
+    truth = np.random.default_rng(1).uniform(-10, 10, (L, 3))
+    for dataset in ("a", "b"):
+        io.save_case(tmp_path / "data" / dataset / "c1", io.Case("c1", img, affine, truth))
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("eval"))
+    (run / "split.json").write_text(json.dumps({"data_dir": str(tmp_path / "data"), "train": [],
+                                                "val": [], "test": ["a/c1", "b/c1"]}))
+    report, errors, out = evaluate.evaluate_run(run, tta=False)
+    assert report["cases"] == ["a/c1", "b/c1"] and len(report["per_case_mre_mm"]) == 2
+    assert (out / "mip_a_c1.png").is_file() and (out / "mip_b_c1.png").is_file()
+
+
 def test_flip_brings_the_mirror_image_back_onto_the_right_channels():
     """In the mirrored world the network calls the patient's left landmarks _R: the mirror pass
-    must be negated in x and its _R/_L channels swapped before averaging."""
-    predictor = _echo_predictor(1)
-    truth = np.random.default_rng(0).normal(0.0, 20.0, (L, 3))
+    must be negated in x and its _R/_L channels swapped before averaging. The stand-in network
+    finds landmark k at the blob shifted by d_k grid voxels (d mirrored between each _R/_L pair, as
+    the anatomy is), so both passes agree on blob + d_k only when both are undone."""
+    d = np.zeros((L, 3), int)
+    for k, m in enumerate(anatomy.MIRROR_LANDMARKS):
+        j = min(k, m)
+        d[k] = [0 if m == k else (2 if k < m else -2), j % 5 - 2, j % 3 - 1]
+    echo = _EchoNet(1)
+
+    def shifted(params, images):
+        out = echo(params, images)
+        maps = out["heatmaps"]
+        out["heatmaps"] = np.stack([np.roll(maps[..., k], d[k], axis=(1, 2, 3)) for k in range(L)],
+                                   axis=-1)
+        return out
+
+    predictor = _echo_predictor(1, shifted)
+    predictor.locate = lambda volume, first_guess: first_guess
+    affine, centre = _affine((1.5, 1.5, 1.5)), np.array([-8.0, -4.0, -7.0])
+    pred = predictor.predict(_blob_image(affine, (40, 40, 30), centre), affine)
+    spacing = np.asarray(predictor.config.data.spacing)
+    np.testing.assert_allclose(pred.landmarks, centre + d * spacing, atol=0.5)
+
+
+def test_segment_labellings_only_when_asked_for():
+    """--save_segmentation writes the lumen labelled by the landmarks; the head's labelling (for
+    the evaluation) is made only when asked for, and the reverse."""
     affine = _affine((1.5, 1.5, 1.5))
-
-    def once(image, aff, segmentation):
-        mirrored = np.linalg.det(aff[:3, :3]) * np.linalg.det(affine[:3, :3]) < 0
-        seen = truth[anatomy.MIRROR_LANDMARKS] * [-1.0, 1.0, 1.0] if mirrored else truth
-        return predict.Prediction(seen, np.ones(L), np.zeros(L),
-                                  np.zeros(anatomy.NUM_SEGMENTS)), None
-
-    predictor._predict_once = once
-    np.testing.assert_allclose(predictor.predict(np.zeros((4, 4, 4)), affine).landmarks, truth)
+    img = _blob_image(affine, (40, 40, 30), np.zeros(3), sigma_mm=3.0)
+    predictor = _echo_predictor(1, flip=False)
+    predictor.locate = lambda volume, first_guess: first_guess
+    written = predictor.predict(img, affine, segmentation=True)
+    head = predictor.predict(img, affine, head_segmentation=True)
+    assert written.head_segmentation is None and head.segmentation is None
+    for labels in (written.segmentation, head.head_segmentation):
+        assert labels.shape == img.shape and labels.dtype == np.uint8
 
 
 def test_argmax_decoding_lands_on_grid_voxels_and_tta_can_be_turned_off():
@@ -313,15 +360,13 @@ def test_argmax_decoding_lands_on_grid_voxels_and_tta_can_be_turned_off():
     network grid (no sub-voxel fit), and the mirror image is not predicted."""
     centre = np.array([4.0, -2.5, 1.3])
     affine = _affine((1.5, 1.5, 1.5))
-    predictor = predict.Predictor(_config(1), params=None, batch_size=1, flip=False,
-                                  decode_method="argmax")
-    predictor._forward = _EchoNet(1)
+    predictor = _echo_predictor(1, flip=False, decode_method="argmax")
     predictor.locate = lambda volume, first_guess: first_guess
     pred = predictor.predict(_blob_image(affine, (40, 40, 30), centre), affine)
-    assert predictor._forward.calls == 1                                 # no mirror pass
+    assert predictor.forward.calls == 1                                  # no mirror pass
     grid = preprocess.canonical_grid(affine, (40, 40, 30), _config(1).data.spacing)[0]
     vox = preprocess.world_to_voxel(pred.landmarks, grid)
     np.testing.assert_allclose(vox, np.round(vox), atol=1e-6)
     np.testing.assert_allclose(pred.landmarks, np.broadcast_to(centre, (L, 3)), atol=1.6)
     with pytest.raises(CowjaxError, match="decode"):
-        predict.Predictor(_config(1), params=None, decode_method="centroid")
+        Predictor(_config(1), params=None, decode_method="centroid")

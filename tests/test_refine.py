@@ -1,6 +1,5 @@
 """The refinement stage: its derived config, landmark-centred patches, the prior, two-stage runs."""
 
-import jax
 import numpy as np
 import pytest
 
@@ -9,8 +8,8 @@ from configs import test as test_config
 from cowjax import anatomy
 from cowjax.config_defaults import refine_config
 from cowjax.data import io, pipeline
-from cowjax.errors import CowjaxError
-from cowjax.inference import predict
+from cowjax.inference.predictor import Predictor
+from cowjax.inference.refiner import Refiner, decode_with_prior
 from conftest import dir_config
 
 
@@ -52,16 +51,6 @@ def test_validation_patches_one_per_known_landmark(phantom_dataset, tmp_path):
     known = [np.isfinite(io.load_case(c).landmarks).all(axis=1).sum() for c in cases]
     assert len(examples) == sum(known)
     assert all(ex["landmark_mask"].sum() >= 1 for ex in examples)
-    config.data.crop_centre = "nowhere"
-    with pytest.raises(CowjaxError, match="crop_centre"):
-        pipeline.eval_examples(config, cases, tmp_path / "cache")
-
-
-class _EchoModel:
-    """Every heatmap channel is the patch itself."""
-
-    def apply(self, variables, patches):
-        return {"heatmaps": jax.numpy.repeat(patches, anatomy.NUM_LANDMARKS, axis=-1)}
 
 
 def test_prior_keeps_the_refinement_near_the_first_estimate():
@@ -70,10 +59,10 @@ def test_prior_keeps_the_refinement_near_the_first_estimate():
     near, far = np.array([5.0, 6.0, 7.0]), np.array([12.0, 11.0, 10.0])
     bump = lambda c, h: h * np.exp(-0.5 * ((grid - c) ** 2).sum(-1) / 1.5 ** 2)
     patch = (bump(near, 3.0) + bump(far, 5.0))[None, ..., None]  # the stronger peak is far away
-    args = (_EchoModel(), "quadratic", None, patch, np.array([4]),
-            np.array([[5.5, 6.0, 6.5]], np.float32))
-    tight = predict._refine_coords(*args, np.full(3, 2.0, np.float32))
-    loose = predict._refine_coords(*args, np.full(3, 1e4, np.float32))
+    logits = np.repeat(patch, anatomy.NUM_LANDMARKS, axis=-1)          # every channel: the patch
+    args = (logits, np.array([4]), np.array([[5.5, 6.0, 6.5]], np.float32))
+    tight = decode_with_prior(*args, np.full(3, 2.0, np.float32), "quadratic")
+    loose = decode_with_prior(*args, np.full(3, 1e4, np.float32), "quadratic")
     np.testing.assert_allclose(np.asarray(tight)[0], near, atol=0.6)
     np.testing.assert_allclose(np.asarray(loose)[0], far, atol=0.1)
 
@@ -100,8 +89,8 @@ def test_two_stage_training_writes_both_runs(two_stage_run):
 def test_refined_landmarks_stay_in_their_patch_and_in_world_coordinates(two_stage_run, tmp_path):
     workdir, _ = two_stage_run
     case = io.load_case(io.list_cases(next((workdir.parent / "data").iterdir()))[0])
-    refined = predict.Predictor.from_workdir(workdir)
-    first = predict.Predictor.from_workdir(workdir, refine=False)
+    refined = Predictor.from_workdir(workdir)
+    first = Predictor.from_workdir(workdir, refine=False)
     assert refined.refiner is not None and first.refiner is None
     a = refined.predict(case.image, case.affine)
     b = first.predict(case.image, case.affine)
@@ -114,6 +103,28 @@ def test_refined_landmarks_stay_in_their_patch_and_in_world_coordinates(two_stag
     flip[:2, 3] = np.array(case.image.shape[:2]) - 1
     c = refined.predict(case.image[::-1, ::-1], case.affine @ flip)
     np.testing.assert_allclose(c.landmarks, a.landmarks, atol=1e-3)
+
+
+def test_one_registration_per_image_serves_both_stages(two_stage_run):
+    """The image and its mirror image are registered once each; the refinement stage re-uses the
+    first stage's registration (here the identity, so the landmarks are those without one)."""
+    workdir, _ = two_stage_run
+    case = io.load_case(io.list_cases(next((workdir.parent / "data").iterdir()))[0])
+    predictor = Predictor.from_workdir(workdir)
+    plain = predictor.predict(case.image, case.affine)
+    registered = []
+
+    def identity(image, affine):
+        registered.append(np.linalg.det(affine[:3, :3]))
+        return np.eye(4)
+
+    def never(image, affine):
+        raise AssertionError("the refinement stage registered the image again")
+
+    predictor.to_template, predictor.refiner.to_template = identity, never
+    got = predictor.predict(case.image, case.affine)
+    assert len(registered) == 2 and registered[0] * registered[1] < 0     # the image, its mirror
+    np.testing.assert_allclose(got.landmarks, plain.landmarks, atol=1e-6)
 
 
 def test_eval_of_a_two_stage_run_says_it_refined(two_stage_run):
@@ -130,9 +141,9 @@ def test_shifted_patches_average_the_single_refinements(two_stage_run):
     workdir, _ = two_stage_run
     config, params = checkpoint.load_for_inference(workdir / "refine")
     case = io.load_case(io.list_cases(next((workdir.parent / "data").iterdir()))[0])
-    first = predict.Predictor.from_workdir(workdir, refine=False).predict(case.image, case.affine)
-    tta = predict.Refiner(config, params, tta_shift_mm=2.0)
-    single = predict.Refiner(config, params, tta_shift_mm=0.0)
+    first = Predictor.from_workdir(workdir, refine=False).predict(case.image, case.affine)
+    tta = Refiner(config, params, tta_shift_mm=2.0)
+    single = Refiner(config, params, tta_shift_mm=0.0)
     assert len(tta.shifts_mm) == 7 and len(single.shifts_mm) == 1
     got = tta.refine(case.image, case.affine, first.landmarks)
     each = [single.refine(case.image, case.affine, first.landmarks + d) for d in tta.shifts_mm]

@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # starts, kills and restarts training processes
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_STEPS = 12

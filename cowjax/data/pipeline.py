@@ -28,7 +28,6 @@ from cowjax.errors import CowjaxError, atomic_output, atomic_output_dir
 _CACHE_VERSION = 3  # bump when preprocessing changes what it writes (2: .npy folders, 3: fov_centre)
 _SYNTHETIC_VERSION = 2  # bump when the generator's cases change: they go to a new folder
 _SPLITS = ("train", "val", "test")
-_CROP_CENTRES = ("circle", "landmark")
 
 
 # ------------------------------------------------------------------------------- dataset and split
@@ -151,18 +150,11 @@ def _split_counts(config, num: int, dataset: Path) -> np.ndarray:
     d = config.data
     counts = tuple(d.get("split_counts", ()) or ()) if d.source == "dir" else ()
     if counts:
-        if (len(counts) != 3 or any(not isinstance(c, int) or c < 0 for c in counts)
-                or counts[0] < 1):
-            raise CowjaxError(f"config.data.split_counts = {counts}: expected three train/val/test "
-                              f"case counts (integers >= 0, train >= 1)")
         if num < sum(counts):
             raise CowjaxError(f"{dataset}: {num} case(s), fewer than the {sum(counts)} that "
                               f"config.data.split_counts = {counts} asks for")
         return np.asarray(counts, int)
     fractions = np.asarray(d.split, np.float64)
-    if fractions.shape != (3,) or np.any(fractions < 0) or fractions.sum() <= 0:
-        raise CowjaxError(f"config.data.split = {tuple(d.split)}: expected three "
-                          f"non-negative train/val/test fractions")
     # Every non-zero fraction gets at least one case when there are enough.
     counts = np.floor(fractions / fractions.sum() * num).astype(int)
     counts = np.where((fractions > 0) & (counts == 0) & (num >= 3), 1, counts)
@@ -341,7 +333,6 @@ def train_loader(config, case_dirs, cache_dir, to_template=None):
     case_dirs = [Path(p) for p in case_dirs]
     if not case_dirs:
         raise CowjaxError("no training cases")
-    _check_crop_centre(config)
     _parallel.map_cases(_cache_case, [(p, config, cache_dir, to_template) for p in case_dirs],
                         "preprocess")
     hosts, host = jax.process_count(), jax.process_index()
@@ -358,12 +349,6 @@ def train_loader(config, case_dirs, cache_dir, to_template=None):
             flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
     return iter(it_ds)
-
-
-def _check_crop_centre(config) -> None:
-    if config.data.crop_centre not in _CROP_CENTRES:
-        raise CowjaxError(f"config.data.crop_centre: unknown {config.data.crop_centre!r}; one of "
-                          f"{_CROP_CENTRES}")
 
 
 def _eval_centres(pre: dict, config, index: int) -> np.ndarray:
@@ -386,7 +371,6 @@ def eval_examples(config, case_dirs, cache_dir, to_template=None) -> list[dict]:
     (crop voxel -> world RAS mm), so predicted crop coordinates convert to world mm.
     ``to_template``: as for ``preprocessed``.
     """
-    _check_crop_centre(config)
     examples = []
     for index, case_dir in enumerate(map(Path, case_dirs)):
         pre = preprocessed(case_dir, config, cache_dir, to_template)

@@ -4,6 +4,8 @@ Per run, under ``RUN/eval/<name>/`` (name: the data directory's basename, or "te
 own test split from ``RUN/split.json``): ``report.json``, ``report.md``, ``landmark_errors.png``,
 and for a few cases ``mip_<case>.png`` (landmarks) and ``segments_<case>.png`` (the predicted labels
 in colour beside the truth); with several runs also ``comparison.png`` in the first run's folder.
+A case is named by its folder, and by ``<dataset>/<case>`` where two datasets share a case name
+(``<dataset>_<case>`` in file names).
 Only landmarks with ground truth count; the report says how many. Dice is measured on each image's
 own grid, against its ``segments.nii.gz``.
 """
@@ -17,11 +19,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cowjax import anatomy
+from cowjax import anatomy, figures, heatmaps, metrics
 from cowjax.data import io, preprocess
 from cowjax.errors import CowjaxError, atomic_output
-from cowjax import figures, heatmaps, metrics
-from cowjax.inference.predict import Predictor
+from cowjax.inference.predictor import Predictor
 
 NUM_MIP_CASES = 3
 GROUPS = ("all", "complete", "variant")
@@ -34,10 +35,13 @@ def _truth_attributes(case: io.Case, part: str, names) -> tuple[np.ndarray, np.n
     return values, np.array([n in given for n in names])
 
 
-def score_case(predictor: Predictor, case: io.Case) -> dict:
-    """Predict one case and compare with its ground truth. Arrays per case, NaN where unknown."""
+def score_case(predictor: Predictor, case: io.Case, name: str | None = None) -> dict:
+    """Predict one case and compare with its ground truth. Arrays per case, NaN where unknown.
+    name: the case's name in the report (default ``case.case_id``)."""
     start = time.perf_counter()
-    pred = predictor.predict(case.image, case.affine, segmentation=case.segments is not None)
+    labelled = case.segments is not None  # both labellings are scored against the truth
+    pred = predictor.predict(case.image, case.affine, segmentation=labelled,
+                             head_segmentation=labelled)
     seconds = time.perf_counter() - start
     seg_true, seg_known = _truth_attributes(case, "segments", anatomy.SEGMENTS)
     lm_true, lm_known = _truth_attributes(case, "landmarks", anatomy.LANDMARKS)
@@ -49,7 +53,7 @@ def score_case(predictor: Predictor, case: io.Case) -> dict:
     head_dice = (metrics.dice(pred.head_segmentation, case.segments, anatomy.NUM_CLASSES)
                  if case.segments is not None else unknown)
     return {
-        "case_id": case.case_id, "seconds": seconds, "complete": complete,
+        "case_id": name or case.case_id, "seconds": seconds, "complete": complete,
         "errors_mm": metrics.landmark_errors(pred.landmarks, case.landmarks),
         "dice": dice, "head_dice": head_dice,
         "segment_attr": (pred.present_prob > 0.5, seg_true, seg_known),
@@ -175,6 +179,7 @@ def comparison_markdown(summaries: dict[str, dict]) -> str:
 
 
 def _case_dirs(workdir: Path, data_dir) -> tuple[str, list[Path]]:
+    """(evaluation name, case folders): ``data_dir``'s cases, or the run's test split."""
     if data_dir is not None:
         return Path(data_dir).name, io.list_cases(data_dir)
     split = workdir / "split.json"
@@ -193,6 +198,14 @@ def _case_dirs(workdir: Path, data_dir) -> tuple[str, list[Path]]:
     return "test", [root / d for d in test]
 
 
+def _case_names(case_dirs) -> list[str]:
+    """The cases' names in reports and figure files: each folder's name, or ``<dataset>/<case>``
+    (its parent folder's too) where cases of two datasets share a name."""
+    names = [Path(d).name for d in case_dirs]
+    repeated = {n for n in names if names.count(n) > 1}
+    return [f"{Path(d).parent.name}/{n}" if n in repeated else n for d, n in zip(case_dirs, names)]
+
+
 def _mip_figures(out_dir: Path, case: io.Case, record: dict) -> list[Path]:
     """MIPs of the case on a RAS-aligned grid at its finest spacing: true and predicted landmarks
     (``mip_<case>.png``) and, where the case has segment labels, the true and predicted labelling
@@ -201,17 +214,19 @@ def _mip_figures(out_dir: Path, case: io.Case, record: dict) -> list[Path]:
     grid_affine, grid_shape = preprocess.canonical_grid(case.affine, case.image.shape, (spacing,) * 3)
     image = preprocess.resample(case.image, case.affine, grid_affine, grid_shape, order=1)
     mre = metrics.mre(record["errors_mm"])
-    paths = [figures.landmark_mips(out_dir / f"mip_{case.case_id}.png", image, grid_affine,
+    name = record["case_id"]
+    stem = name.replace("/", "_")
+    paths = [figures.landmark_mips(out_dir / f"mip_{stem}.png", image, grid_affine,
                                    case.landmarks, record["pred_landmarks"],
-                                   f"{case.case_id}: MRE {float(mre):.2f} mm")]
+                                   f"{name}: MRE {float(mre):.2f} mm")]
     if case.segments is not None and record.get("segmentation") is not None:
-        rows = {name: preprocess.resample(np.asarray(labels, np.uint8), case.affine, grid_affine,
-                                          grid_shape, order=0)
-                for name, labels in (("truth", case.segments),
+        rows = {row: preprocess.resample(np.asarray(labels, np.uint8), case.affine, grid_affine,
+                                         grid_shape, order=0)
+                for row, labels in (("truth", case.segments),
                                      ("predicted", record["segmentation"]))}
         paths.append(figures.segment_mips(
-            out_dir / f"segments_{case.case_id}.png", image, grid_affine, rows,
-            f"{case.case_id}: Dice {float(np.nanmean(record['dice'])):.3f} (mean over segments)"))
+            out_dir / f"segments_{stem}.png", image, grid_affine, rows,
+            f"{name}: Dice {float(np.nanmean(record['dice'])):.3f} (mean over segments)"))
     return paths
 
 
@@ -242,6 +257,7 @@ def evaluate_run(workdir, data_dir=None, tta: bool = True,
     as the paper did)."""
     workdir = Path(workdir)
     name, case_dirs = _case_dirs(workdir, data_dir)
+    names = dict(zip(case_dirs, _case_names(case_dirs)))
     # Only cases with ground truth are scored (a folder may hold just an image).
     scored = [d for d in case_dirs if any((Path(d) / f).is_file() for f in io.LANDMARK_FILES)]
     if not scored:
@@ -254,7 +270,7 @@ def evaluate_run(workdir, data_dir=None, tta: bool = True,
     records, figs = [], []
     for i, d in enumerate(tqdm(scored, desc=f"eval {workdir.name}", unit="case")):
         case = io.load_case(d)
-        records.append(score_case(predictor, case))
+        records.append(score_case(predictor, case, names[d]))
         if i < NUM_MIP_CASES:
             figs += _mip_figures(out_dir, case, records[-1])
         records[-1].pop("segmentation", None)  # a volume per case: keep only the scores
@@ -262,7 +278,7 @@ def evaluate_run(workdir, data_dir=None, tta: bool = True,
     figs.insert(0, figures.landmark_error_bars(out_dir / "landmark_errors.png",
                                                {workdir.name: errors}))
     report = {"run": str(workdir), "data": name, "cases": [r["case_id"] for r in records],
-              "cases_without_ground_truth": [Path(d).name for d in case_dirs if d not in scored],
+              "cases_without_ground_truth": [names[d] for d in case_dirs if d not in scored],
               "heatmap_loss": predictor.config.loss.heatmap,
               "decode": _decode_description(predictor),
               "groups": {g: summarize(_group(records, g)) for g in GROUPS},

@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("auto", "native", "depth_sum", "depth_stack", "im2col")
+from cowjax import config_check
+
+IMPLS = config_check.CONV_IMPLS  # "auto", "native", "depth_sum", "depth_stack", "im2col"
 
 
 def _native(x, kernel):
@@ -80,7 +82,7 @@ _FORMULATIONS = {"native": _native, "depth_sum": _depth_sum, "depth_stack": _dep
 def resolve_impl(impl: str, platform: str | None = None, x_shape=None) -> str:
     """The concrete formulation ``impl`` stands for on ``platform`` (default: JAX's default backend)
     for an input of ``x_shape`` [B, X, Y, Z, Cin] (None: a typical layer)."""
-    if impl not in IMPLS:
+    if impl not in IMPLS:  # a direct caller's argument (configs are checked by config_check)
         raise ValueError(f"conv_impl {impl!r}: expected one of {IMPLS}")
     if impl != "auto":
         return impl

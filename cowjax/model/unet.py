@@ -31,7 +31,6 @@ from cowjax.errors import CowjaxError
 from cowjax.model import conv
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_NORMS = ("group", "instance", "none")
 ATTRIBUTE_HIDDEN = 32          # hidden units of each landmark's / segment's attribute MLP
 # Regressed Gaussian heatmaps (L2 loss) peak at 1 over a background of 0: scaled by this before
 # the spatial softmax, the peak outweighs the ~10^5 background voxels (e^20 : 1 each).
@@ -241,21 +240,10 @@ class CowNet(nn.Module):
 
 
 def build_model(config) -> CowNet:
-    """The network for ``config`` (the full config or its ``model`` group); checks the settings."""
+    """The network for ``config`` (the full config or its ``model`` group; ``config_check.validate``
+    checks the settings)."""
     m = config.model if "model" in config else config
     widths = tuple(int(w) for w in m.widths)
-    if not widths or min(widths) < 1:
-        raise CowjaxError(f"config.model.widths {m.widths}: need at least one positive width")
-    if m.norm not in _NORMS:
-        raise CowjaxError(f"config.model.norm {m.norm!r}: expected one of {_NORMS}")
-    if m.dtype not in _DTYPES:
-        raise CowjaxError(f"config.model.dtype {m.dtype!r}: expected one of {tuple(_DTYPES)}")
-    for field in ("heatmap_stride", "segmentation_stride"):
-        if m[field] not in (1, 2) or (m[field] == 2 and len(widths) < 2):
-            raise CowjaxError(f"config.model.{field} {m[field]}: expected 1, or 2 with "
-                              f"at least two widths")
-    if m.conv_impl not in conv.IMPLS:
-        raise CowjaxError(f"config.model.conv_impl {m.conv_impl!r}: expected one of {conv.IMPLS}")
     return CowNet(widths=widths, norm=m.norm, dtype=m.dtype, heatmap_stride=int(m.heatmap_stride),
                   segmentation_stride=int(m.segmentation_stride),
                   conv_impl=m.conv_impl,

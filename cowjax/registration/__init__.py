@@ -2,6 +2,8 @@
 
 - ``landmarks``: closed-form rigid/similarity fits between landmark sets, residuals, leave-one-out TRE.
 - ``intensity``: JAX rigid registration by NCC (the paper's preprocessing), the synthetic template,
-  ``align_case_to_template`` for the data pipeline (``config.data.registration == "template"``).
-- ``cli``: ``run_register`` behind ``launch.py --mode=register``.
+  ``template_registration(config.data)``: the ``to_template`` that training and prediction inject
+  into preprocessing (the data package imports no registration code).
+The command that registers two images through detected landmarks, ``--mode=register``, is
+``inference/register.py``: it needs the detector.
 """

@@ -11,8 +11,8 @@ optimisation is one jitted ``lax.scan``; it is a pure function of arrays, so ``j
 The transform maps moving world -> fixed world (RAS mm):
     A(x) = R(r) (x - c) + c + t,   params = (r [3] rotation vector, rad; t [3] translation, mm),
 with ``c`` the centre of the moving image's bright structures, so the rotation and translation
-are nearly decoupled. ``align_case_to_template`` composes A with a case's affine so every world
-coordinate downstream (image, landmarks, labels) is in template space.
+are nearly decoupled. ``template_registration(config.data)`` is the ``to_template`` function that
+training and prediction inject into preprocessing (``preprocess.network_grid``).
 """
 
 from __future__ import annotations
@@ -340,7 +340,6 @@ def make_template(spacing_mm: float = 1.0, margin_mm: float = 12.0):
                 landmarks=anatomy.TEMPLATE_LANDMARKS.copy())
 
 
-REGISTRATIONS = ("none", "template", "training_sample")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,9 +373,7 @@ def template_registration(data_config) -> TemplateRegistration | None:
     """The registration ``config.data.registration`` asks for, as the ``to_template`` function that
     preprocessing takes (None for "none"): the caller (training, prediction) injects it, so the data
     package needs no registration code."""
-    kind = data_config.get("registration", "none")
-    if kind not in REGISTRATIONS:
-        raise CowjaxError(f"config.data.registration {kind!r}: expected one of {REGISTRATIONS}")
+    kind = data_config.registration
     if kind == "none":
         return None
     if kind == "template":
@@ -386,17 +383,3 @@ def template_registration(data_config) -> TemplateRegistration | None:
         raise CowjaxError("config.data.registration 'training_sample': config.data.template is "
                           "empty (a training run sets it to <workdir>/template.nii.gz)")
     return TemplateRegistration(str(template))
-
-
-def align_case_to_template(case, template, **kwargs):
-    """The case with its world frame moved into template space by rigid registration.
-
-    The image data and label grids are untouched; the affine becomes ``A @ affine`` and the
-    landmarks ``A(landmarks)``, so every world coordinate downstream is in template space.
-    kwargs go to ``register_rigid``. Returns a new ``Case`` (the input is not modified).
-    """
-    from cowjax.registration.landmarks import apply_transform
-    matrix = register_rigid(template.image, template.affine, case.image, case.affine, **kwargs)
-    landmarks = None if case.landmarks is None else apply_transform(matrix, case.landmarks)
-    return dataclasses.replace(case, affine=matrix @ np.asarray(case.affine, np.float64),
-                               landmarks=landmarks)

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cowjax.errors import CowjaxError
 
 
 def learning_rate_schedule(config):
@@ -20,13 +19,10 @@ def learning_rate_schedule(config):
     if o.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
             0.0, o.learning_rate, o.warmup_steps, max(config.num_train_steps, o.warmup_steps + 1))
-    if o.schedule == "constant":
-        if o.warmup_steps:
-            return optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps),
-                                         optax.constant_schedule(o.learning_rate)],
-                                        [o.warmup_steps])
-        return o.learning_rate
-    raise CowjaxError(f"config.optim.schedule: unknown {o.schedule!r}; 'constant' or 'cosine'")
+    if o.warmup_steps:
+        return optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps),
+                                     optax.constant_schedule(o.learning_rate)], [o.warmup_steps])
+    return o.learning_rate
 
 
 def make_optimizer(config) -> optax.GradientTransformation:

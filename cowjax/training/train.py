@@ -30,7 +30,7 @@ import optax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from cowjax import devices, heatmaps, losses
+from cowjax import config_check, devices, heatmaps, losses
 from cowjax.errors import CowjaxError, atomic_output
 from cowjax.training import checkpoint as ckpt
 from cowjax.training import state as state_lib
@@ -183,24 +183,6 @@ class _Sigterm:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def check_config(config) -> None:
-    problem = devices.batch_error(config.batch_size)
-    if problem:
-        raise CowjaxError(problem)
-    if config.train.nonfinite not in ("stop", "skip"):
-        raise CowjaxError(f"config.train.nonfinite: unknown {config.train.nonfinite!r}; "
-                          "'stop' or 'skip'")
-    if config.get("num_epochs", 0) < 0:
-        raise CowjaxError(f"config.num_epochs={config.num_epochs} must be 0 (count steps) or more")
-    for name in ("num_train_steps", "checkpoint_every_steps", "eval_every_steps",
-                 "log_every_steps"):
-        if name == "num_train_steps" and config.get("num_epochs", 0) > 0:
-            continue                      # resolved from the split (resolve_config)
-        if config[name] < 1:
-            raise CowjaxError(f"config.{name}={config[name]} must be at least 1")
-    devices.steps_per_call(config.train.steps_per_call)   # raises on a negative value
-
-
 def save_config(config, workdir: Path) -> None:
     """The resolved config (with its seed) as workdir/config.json."""
     if jax.process_index() == 0:
@@ -217,7 +199,7 @@ def run_training(config, workdir, model, train_iter, val_examples, desc: str = "
     Returns the last train metrics and validation MRE as a dict of floats.
     """
     workdir = Path(workdir)
-    check_config(config)
+    config_check.validate(config)
     mesh = make_mesh(config.batch_size)
     replicated = devices.replicated(mesh)
     tx = state_lib.make_optimizer(config)
@@ -339,7 +321,7 @@ def train_and_evaluate(config, workdir) -> dict:
     from cowjax.data import pipeline
     if config.train.distributed:
         jax.distributed.initialize()
-    check_config(config)      # before any data is made or written (run_training checks each stage)
+    config_check.validate(config)   # before any data is made or written
     workdir = Path(workdir)
     splits = pipeline.prepare_data(config, workdir)
     config = resolve_config(config, workdir, splits)

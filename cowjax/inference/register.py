@@ -12,30 +12,26 @@ given landmark files. Writes, beside each other:
 
 from __future__ import annotations
 
-import io as _bytes_io
 import json
 from pathlib import Path
 
 import numpy as np
 
-from cowjax import anatomy
+from cowjax import anatomy, figures
 from cowjax.data import io, preprocess
 from cowjax.errors import CowjaxError, atomic_output
 from cowjax.registration import landmarks as lm
 
 DIRECTION = "moving world RAS mm -> fixed world RAS mm"
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
-# The overlay is drawn on a RAS-aligned grid with at most this many voxels along an axis.
-_DISPLAY_VOXELS = 256
-_ORANGE = np.array([1.0, 0.55, 0.0])
 
 
 def output_paths(output: str | Path) -> dict[str, Path]:
-    """The three output files for an output image path ``<stem>.nii[.gz]``."""
+    """The three output files for an output image path ``<stem>.<image suffix>``."""
     output = Path(output)
-    suffix = next((s for s in _NIFTI_SUFFIXES[::-1] if output.name.endswith(s)), None)
-    if suffix is None:
-        raise CowjaxError(f"{output}: the output must be a NIfTI file (.nii or .nii.gz)")
+    suffix = io.image_suffix(output)
+    if suffix is None or not output.name.endswith(suffix):
+        raise CowjaxError(f"{output}: the output must be an image file (one of "
+                          f"{', '.join(io.IMAGE_SUFFIXES)})")
     stem = output.name[: -len(suffix)]
     return {"image": output, "transform": output.with_name(f"{stem}.transform.json"),
             "overlay": output.with_name(f"{stem}.png")}
@@ -72,7 +68,7 @@ def run_register(workdir, fixed, moving, output, transform: str = "rigid",
 
     def predictor():
         if "p" not in cache:
-            from cowjax.inference.predict import Predictor
+            from cowjax.inference.predictor import Predictor
             cache["p"] = Predictor.from_workdir(workdir)
         return cache["p"]
 
@@ -103,15 +99,12 @@ def run_register(workdir, fixed, moving, output, transform: str = "rigid",
     }
     if transform == "similarity":
         record["scale"] = float(np.cbrt(np.linalg.det(matrix[:3, :3])))
-    png = overlay_png(fixed_img, fixed_aff, moving_img, matrix @ moving_aff,
-                      f_lm, lm.apply_transform(matrix, m_lm), used,
-                      title=f"{Path(moving).name} -> {Path(fixed).name} ({transform})")
-
     io.save_image(paths["image"], moved.astype(np.float32), fixed_aff)
     with atomic_output(paths["transform"]) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    with atomic_output(paths["overlay"]) as tmp:
-        tmp.write_bytes(png)
+    figures.registration_overlay(paths["overlay"], fixed_img, fixed_aff, moving_img,
+                                 matrix @ moving_aff, f_lm, lm.apply_transform(matrix, m_lm), used,
+                                 title=f"{Path(moving).name} -> {Path(fixed).name} ({transform})")
     print(format_table(res, tre, used))
     print(f"wrote {paths['image']}, {paths['transform'].name}, {paths['overlay'].name}")
     return record
@@ -127,59 +120,6 @@ def format_table(res: np.ndarray, tre: np.ndarray, used: np.ndarray) -> str:
     lines.append(f"{'mean (' + str(int(used.sum())) + ' used)':<{width}}  "
                  f"{_cell(_nanmean(res)):>11}  {_cell(_nanmean(tre)):>10}")
     return "\n".join(lines)
-
-
-def overlay_png(fixed, fixed_affine, moving, moved_affine, fixed_lm, moved_lm, used,
-                title: str = "") -> bytes:
-    """PNG bytes: axial and coronal MIPs of the fixed image (grey) with the moved one (orange).
-
-    moved_affine: the moving image's affine already composed with the transform, so both images
-    are drawn in fixed world space. Landmarks: fixed as cyan circles, moved as magenta crosses.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    spacing = np.linalg.norm(fixed_affine[:3, :3], axis=0)
-    extent = np.abs(fixed_affine[:3, :3]) @ (np.array(fixed.shape) - 1)
-    step = max(spacing.min(), extent.max() / (_DISPLAY_VOXELS - 1))
-    grid_affine, grid_shape = preprocess.canonical_grid(fixed_affine, fixed.shape, (step,) * 3)
-    f = _unit(preprocess.resample(fixed, fixed_affine, grid_affine, grid_shape, order=1))
-    m = _unit(preprocess.resample(moving, moved_affine, grid_affine, grid_shape, order=1))
-    lo = grid_affine[:3, 3]
-    hi = lo + np.diag(grid_affine)[:3] * (np.array(grid_shape) - 1)
-
-    fig = Figure(figsize=(11, 5.5), dpi=100)
-    FigureCanvasAgg(fig)
-    # (projected axis, horizontal axis, vertical axis): axial looks down z, coronal along y.
-    for k, (name, proj, h, v) in enumerate((("axial", 2, 0, 1), ("coronal", 1, 0, 2))):
-        ax = fig.add_subplot(1, 2, k + 1)
-        fm, mm = f.max(axis=proj), m.max(axis=proj)
-        # Orange at most 60% opaque, so the grey fixed image shows through where they overlap.
-        alpha = 0.6 * mm[..., None]
-        rgb = (1 - alpha) * fm[..., None] + alpha * _ORANGE
-        # Rows are the vertical axis; the +v direction is drawn upwards.
-        ax.imshow(np.transpose(rgb, (1, 0, 2)), origin="lower",
-                  extent=(lo[h] - step / 2, hi[h] + step / 2, lo[v] - step / 2, hi[v] + step / 2))
-        for pts, style in ((fixed_lm, dict(marker="o", mfc="none", mec="cyan", ms=8, mew=1.5)),
-                           (moved_lm, dict(marker="+", color="magenta", ms=9, mew=1.5))):
-            p = pts[used]
-            ax.plot(p[:, h], p[:, v], ls="none", **style)
-        ax.set_xlim(lo[h] - step / 2, hi[h] + step / 2)
-        ax.set_ylim(lo[v] - step / 2, hi[v] + step / 2)
-        ax.set_title(f"{name} MIP")
-        ax.set_xlabel("x (mm, +right)")
-        ax.set_ylabel("y (mm, +anterior)" if v == 1 else "z (mm, +superior)")
-    fig.suptitle(f"{title}\ngrey: fixed, orange: moved; cyan o: fixed landmarks, magenta +: moved")
-    fig.tight_layout()
-    buf = _bytes_io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def _unit(image: np.ndarray) -> np.ndarray:
-    """Robust [0, 1] display scaling (1st to 99.9th percentile)."""
-    lo, hi = np.percentile(image, [1.0, 99.9])
-    return np.clip((image - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
 
 
 def _nanmean(x) -> float | None:

@@ -1,0 +1,94 @@
+"""``validate(config)``: every setting checked in one place, before any work starts.
+
+launch.py validates (and locks) the config right after parsing the flags, and the library's entry
+points (training, the ablation, the bench) validate again, so a notebook user gets the same one-line
+``CowjaxError`` as the command line. The modules themselves trust a validated config.
+"""
+
+from __future__ import annotations
+
+from cowjax.errors import CowjaxError
+
+# The choices of each string setting. The modules that act on a setting import its tuple from here.
+HEATMAP_LOSSES = ("l2", "softmax_ce")
+SEGMENTATION_LOSSES = ("dice", "dice_ce")
+NORMS = ("group", "instance", "none")
+DTYPES = ("float32", "bfloat16")
+CONV_IMPLS = ("auto", "native", "depth_sum", "depth_stack", "im2col")
+SCHEDULES = ("constant", "cosine")
+NONFINITE = ("stop", "skip")
+REGISTRATIONS = ("none", "template", "training_sample")
+CROP_CENTRES = ("circle", "landmark")
+SOURCES = ("synthetic", "dir")
+
+
+def _choice(config, path: str, choices) -> None:
+    value = config
+    for key in path.split("."):
+        value = value[key]
+    if value not in choices:
+        raise CowjaxError(f"config.{path}: unknown {value!r}; one of {choices}")
+
+
+def _at_least(config, path: str, minimum, what: str = "") -> None:
+    value = config
+    for key in path.split("."):
+        value = value[key]
+    if value < minimum:
+        raise CowjaxError(f"config.{path}={value} must be {what or f'at least {minimum}'}")
+
+
+def validate(config) -> None:
+    """Raise ``CowjaxError`` (one line naming the field) for the first invalid setting."""
+    from cowjax import devices  # jax: imported only when a config is checked
+
+    for path, choices in (("loss.heatmap", HEATMAP_LOSSES),
+                          ("loss.segmentation", SEGMENTATION_LOSSES),
+                          ("model.norm", NORMS), ("model.dtype", DTYPES),
+                          ("model.conv_impl", CONV_IMPLS), ("optim.schedule", SCHEDULES),
+                          ("train.nonfinite", NONFINITE), ("data.registration", REGISTRATIONS),
+                          ("data.crop_centre", CROP_CENTRES), ("data.source", SOURCES)):
+        _choice(config, path, choices)
+    problem = devices.batch_error(config.batch_size)
+    if problem:
+        raise CowjaxError(problem)
+    _at_least(config, "num_epochs", 0, "0 (count steps) or more")
+    steps = ("checkpoint_every_steps", "eval_every_steps", "log_every_steps")
+    if config.num_epochs == 0:
+        steps = ("num_train_steps",) + steps  # else resolved from the split
+    for name in steps:
+        _at_least(config, name, 1)
+    _at_least(config, "train.steps_per_call", 0, "0 (auto) or positive")
+    _at_least(config, "data.num_workers", 0)
+    _at_least(config, "data.segment_growth_mm", 0.0)
+    for name in ("w_heatmap", "w_segmentation", "w_landmark_attr", "w_segment_attr",
+                 "w_consistency"):
+        _at_least(config, f"loss.{name}", 0.0, "0 (off) or more")
+
+    m = config.model
+    widths = tuple(m.widths)
+    if not widths or min(widths) < 1:
+        raise CowjaxError(f"config.model.widths {m.widths}: need at least one positive width")
+    for field in ("heatmap_stride", "segmentation_stride"):
+        if m[field] not in (1, 2) or (m[field] == 2 and len(widths) < 2):
+            raise CowjaxError(f"config.model.{field} {m[field]}: expected 1, or 2 with at least "
+                              f"two widths")
+    factor = 2 ** (len(widths) - 1)
+    if any(int(n) % factor for n in config.data.crop_shape):
+        raise CowjaxError(f"config.data.crop_shape {tuple(config.data.crop_shape)}: every side "
+                          f"must be a multiple of {factor} (the model pools {len(widths) - 1} times)")
+    counts = tuple(config.data.split_counts)
+    if counts and (len(counts) != 3 or any(not isinstance(c, int) or c < 0 for c in counts)
+                   or counts[0] < 1):
+        raise CowjaxError(f"config.data.split_counts = {counts}: expected three train/val/test "
+                          f"case counts (integers >= 0, train >= 1)")
+    split = tuple(config.data.split)
+    if len(split) != 3 or min(split) < 0 or sum(split) <= 0:
+        raise CowjaxError(f"config.data.split = {split}: expected three non-negative "
+                          f"train/val/test fractions")
+    if config.data.source == "dir" and not config.data.data_dir:
+        raise CowjaxError("config.data.data_dir is empty; set it to the folder of cases "
+                          "(config.data.source is 'dir')")
+    if config.refine.num_train_steps:
+        from cowjax.config_defaults import refine_config
+        validate(refine_config(config))
