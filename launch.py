@@ -18,6 +18,7 @@ A user's mistake (a bad path, a broken file) is printed as one line and exits wi
 """
 
 import os
+import re
 import shlex
 import sys
 
@@ -133,6 +134,17 @@ def _parse_flags(argv):
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         detail = lines[-1] if len(lines) > 1 else ""
         print(f"error: {lines[0]} {detail}".rstrip(), file=sys.stderr)
+        sys.exit(2)
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a field not there
+        text = str(e)
+        field = re.search(r'instead of "(\w+)"', text) or re.search(r"(\w+)", text)
+        field = field.group(1) if field else ""
+        override = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                         and a.split("=")[0].endswith("." + field)), "--config")
+        hint = re.search(r'Did you mean "\w+" instead of "\w+"\?', text)
+        hint = hint.group(0) if hint else ""
+        print(f"error: {override}: the config has no such field" + (f" ({hint})" if hint else ""),
+              file=sys.stderr)
         sys.exit(2)
     if flags.FLAGS["config"].present:
         # "configs/x.py:arg" names the file configs/x.py, called with "arg".

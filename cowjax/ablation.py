@@ -105,7 +105,7 @@ def _check_same_base(root: Path, base) -> None:
     want = ckpt.config_to_dict(base)
     if record.is_file():
         try:
-            had = json.loads(record.read_text())["base_config"]
+            had = json.loads(record.read_text(encoding="utf-8"))["base_config"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise CowjaxError(f"{record}: unreadable ({e}); delete it if the runs are yours")
         had, now = _flat(had), _flat(want)
@@ -119,7 +119,7 @@ def _check_same_base(root: Path, base) -> None:
                               f"another --workdir, or delete {root} to start again")
         return
     with atomic_output(record) as tmp:
-        tmp.write_text(json.dumps({"base_config": want}, indent=1) + "\n")
+        tmp.write_text(json.dumps({"base_config": want}, indent=1) + "\n", encoding="utf-8")
 
 
 def _check_folder(path: Path) -> None:
@@ -140,23 +140,23 @@ def _share_split(root: Path, runs: dict) -> None:
         pipeline.prepare_data(runs[first.name], first)
         with atomic_output(split_file) as tmp:
             shutil.copyfile(first / "split.json", tmp)
-    text = split_file.read_text()
+    text = split_file.read_text(encoding="utf-8")
     for name in runs:
         own = root / name / "split.json"
         if own.is_file():
-            if json.loads(own.read_text()) != json.loads(text):
+            if json.loads(own.read_text(encoding="utf-8")) != json.loads(text):
                 raise CowjaxError(f"{own}: another split than {split_file}; delete {root / name} "
                                   f"to train it again on the ablation's split")
             continue
         own.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(own) as tmp:
-            tmp.write_text(text)
+            tmp.write_text(text, encoding="utf-8")
 
 
 def _steps(workdir: Path, config) -> int:
     """The run's number of steps: its config.json's (as the run resolved it) or the config's."""
     try:
-        return int(json.loads((workdir / "config.json").read_text())["num_train_steps"])
+        return int(json.loads((workdir / "config.json").read_text(encoding="utf-8"))["num_train_steps"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
         return int(config.num_train_steps)
 
@@ -196,7 +196,7 @@ def _evaluation(workdir: Path, data_dir, record_path: Path, tag: str) -> dict:
     "summary" (evaluate's, all cases), "report"}; re-used while newer than the run's checkpoints."""
     data = None if data_dir is None else str(Path(data_dir).resolve())
     if record_path.is_file() and record_path.stat().st_mtime > _checkpoint_mtime(workdir):
-        record = json.loads(record_path.read_text())
+        record = json.loads(record_path.read_text(encoding="utf-8"))
         if record.get("data") == data:
             print(f"{tag} {workdir.name}: evaluation up to date", flush=True)
             return record
@@ -207,7 +207,7 @@ def _evaluation(workdir: Path, data_dir, record_path: Path, tag: str) -> dict:
               "summary": report["groups"]["all"], "report": str(out_dir / "report.md")}
     record_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(record_path) as tmp:
-        tmp.write_text(json.dumps(record) + "\n")
+        tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
     return record
 
 
@@ -410,8 +410,8 @@ def run_ablation(base: ml_collections.ConfigDict, workdir, seeds: int = 3, data_
                        else str(Path(data_dir).resolve())),
               **result, "figures": [str(f) for f in figs]}
     with atomic_output(out_dir / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
+        tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     with atomic_output(out_dir / "report.md") as tmp:
-        tmp.write_text(markdown(report))
+        tmp.write_text(markdown(report), encoding="utf-8")
     _print_summary(report, out_dir)
     return report

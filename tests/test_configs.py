@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from absl import flags
-from ml_collections import config_flags
 
 from cowjax import config_check
 from cowjax.errors import CowjaxError
@@ -63,19 +62,21 @@ def test_demo_covers_the_circle_of_willis_on_a_small_cpu():
     assert math.prod(c.data.crop_shape) <= 128 ** 3 // 8
 
 
-def test_top_level_fields_are_overridable_on_the_command_line():
-    # As launch.py defines it; sys_argv stands for the command line it would read.
-    argv = ["launch.py", "--config=configs/demo.py", "--config.num_train_steps=50",
-            "--config.seed=3", "--config.checkpoint_every_steps=7", "--config.eval_every_steps=9",
-            "--config.optim.learning_rate=0.002"]
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config", flag_values=flag_values,
-                                    lock_config=False, sys_argv=argv)
-    flag_values(argv)
-    c = flag_values.config
-    assert (c.num_train_steps, c.seed, c.checkpoint_every_steps, c.eval_every_steps) == (50, 3, 7, 9)
-    assert c.optim.learning_rate == 0.002
-    assert c.model.heatmap_stride == demo.get_config().model.heatmap_stride
+@pytest.mark.parametrize("override, message", [
+    # launch.py validates the config with the overrides applied, before any work: the value that
+    # reaches the config is the one named in the error.
+    ("--config.num_train_steps=-5", "config.num_train_steps=-5 must be at least 1"),
+    ("--config.optim.schedule=stepwise", "config.optim.schedule: unknown 'stepwise'"),
+    ("--config.optim.learnig_rate=0.1", "learnig_rate"),       # a mistyped field: no new setting
+])
+def test_launch_applies_config_overrides_before_validating(tmp_path, override, message):
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "launch.py", "--config=configs/test.py", override,
+                        "--mode=train", f"--workdir={tmp_path / 'run'}"], cwd=root,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("config, message", [

@@ -16,7 +16,7 @@ def _oblique(rng, lps_like):
     q = q @ np.diag([1, 1, np.sign(np.linalg.det(q))])
     storage = np.diag([-1, -1, 1])[[1, 0, 2]] if lps_like else np.eye(3)
     angles = np.deg2rad(20) * rng.uniform(-1, 1, 3)
-    rot = augment._rotation(angles) if not lps_like else q
+    rot = Rotation.from_euler("xyz", angles).as_matrix() if not lps_like else q
     a = np.eye(4)
     a[:3, :3] = rot @ storage @ np.diag([1.1, 0.9, 1.3])
     return a

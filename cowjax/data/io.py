@@ -609,7 +609,7 @@ def load_case(case_dir: str | Path) -> Case:
         segments = load_labels(path, image.shape, affine, anatomy.NUM_SEGMENTS)
     if (case_dir / ATTRIBUTES).exists():
         try:
-            attributes = json.loads((case_dir / ATTRIBUTES).read_text())
+            attributes = json.loads((case_dir / ATTRIBUTES).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise CowjaxError(f"{case_dir / ATTRIBUTES}: not valid JSON ({e})")
         attributes = _check_attributes(case_dir / ATTRIBUTES, attributes)
@@ -646,7 +646,7 @@ def save_case(case_dir: str | Path, case: Case) -> None:
         save_image(case_dir / SEGMENTS, np.asarray(case.segments).astype(np.uint8), case.affine)
     if case.attributes is not None:
         with atomic_output(case_dir / ATTRIBUTES) as tmp:
-            tmp.write_text(json.dumps(case.attributes, indent=1))
+            tmp.write_text(json.dumps(case.attributes, indent=1), encoding="utf-8")
 
 
 def list_cases(dataset_dir: str | Path) -> list[Path]:

@@ -90,9 +90,9 @@ def prepare_data(config, workdir) -> dict[str, list[Path]]:
             record["template"] = min(record["train"])
         workdir.mkdir(parents=True, exist_ok=True)
         with atomic_output(split_file) as tmp:
-            tmp.write_text(json.dumps(record, indent=1))
+            tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
     try:
-        record = json.loads(split_file.read_text())
+        record = json.loads(split_file.read_text(encoding="utf-8"))
         data_dir = Path(record["data_dir"])
         split = {k: [data_dir / n for n in record[k]] for k in _SPLITS}
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
@@ -179,7 +179,7 @@ def _split_from_file(path: Path, data_dir: Path) -> dict[str, list[Path]]:
     """The split a JSON file gives: ``{"train": [...], "val": [...], "test": [...]}`` of case
     folders relative to ``data_dir``, or absolute; each must exist and be listed once."""
     try:
-        given = json.loads(path.read_text())
+        given = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CowjaxError(f"config.data.split_file {path}: unreadable ({e})")
     split, seen = {}, {}

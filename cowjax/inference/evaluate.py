@@ -187,7 +187,7 @@ def _case_dirs(workdir: Path, data_dir) -> tuple[str, list[Path]]:
         raise CowjaxError(f"{split}: not found; pass --data_dir to evaluate on cases with "
                           f"ground truth")
     try:
-        recorded = json.loads(split.read_text())
+        recorded = json.loads(split.read_text(encoding="utf-8"))
         test = recorded["test"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CowjaxError(f"{split}: no test split ({e})")
@@ -286,9 +286,9 @@ def evaluate_run(workdir, data_dir=None, tta: bool = True,
                                   for r in records},
               "figures": [str(f) for f in figs]}
     with atomic_output(out_dir / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=1, default=_json_default))
+        tmp.write_text(json.dumps(report, indent=1, default=_json_default), encoding="utf-8")
     with atomic_output(out_dir / "report.md") as tmp:
-        tmp.write_text(markdown(workdir.name, name, report))
+        tmp.write_text(markdown(workdir.name, name, report), encoding="utf-8")
     return report, errors, out_dir
 
 
@@ -318,6 +318,6 @@ def run_eval(workdirs, data_dir=None, tta: bool = True,
         comp = figures.compare_runs(dirs[0] / "comparison.png", summaries)
         figures.landmark_error_bars(dirs[0] / "landmark_errors_runs.png", errors)
         with atomic_output(dirs[0] / "comparison.md") as tmp:
-            tmp.write_text(comparison_markdown(summaries))
+            tmp.write_text(comparison_markdown(summaries), encoding="utf-8")
         print(f"comparison of {len(workdirs)} runs: {dirs[0] / 'comparison.md'}, {comp}")
     return reports

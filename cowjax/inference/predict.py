@@ -48,7 +48,7 @@ def write_prediction(path, pred: Prediction) -> None:
     path = Path(path)
     if _output_kind(path) == ".json":
         with atomic_output(path) as tmp:
-            tmp.write_text(json.dumps(prediction_dict(pred), indent=1))
+            tmp.write_text(json.dumps(prediction_dict(pred), indent=1), encoding="utf-8")
     else:
         io.write_landmarks(path, pred.landmarks, confidences=pred.confidence)
 

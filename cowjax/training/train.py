@@ -151,10 +151,10 @@ class _Metrics:
         self.path = path
         self.primary = jax.process_index() == 0
         if self.primary and path.exists():
-            kept = [line for line in path.read_text().splitlines()
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
             with atomic_output(path) as tmp:
-                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def write(self, record: dict) -> None:
         if self.primary:
@@ -187,7 +187,7 @@ def save_config(config, workdir: Path) -> None:
     """The resolved config (with its seed) as workdir/config.json."""
     if jax.process_index() == 0:
         with atomic_output(workdir / "config.json") as tmp:
-            tmp.write_text(json.dumps(ckpt.config_to_dict(config), indent=2) + "\n")
+            tmp.write_text(json.dumps(ckpt.config_to_dict(config), indent=2) + "\n", encoding="utf-8")
 
 
 def run_training(config, workdir, model, train_iter, val_examples, desc: str = "train") -> dict:

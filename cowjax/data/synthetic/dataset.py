@@ -19,7 +19,7 @@ def _write_case(out_dir: Path, case: io.Case, info: dict, preview: bool) -> Path
     final = out_dir / case.case_id
     with atomic_output_dir(final) as tmp:
         io.save_case(tmp, case)
-        (tmp / "pathology.json").write_text(json.dumps(info, indent=1))
+        (tmp / "pathology.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
         if preview:
             from cowjax import figures  # matplotlib: only in the workers that draw previews
             figures.case_preview(tmp / "preview.png", case)
