@@ -86,7 +86,7 @@ def compiled_train_step(model, config, loss_fn=None):
     per_call = devices.steps_per_call(config.train.steps_per_call)
     step = train.compile_train_step(train.make_train_step(model, config, tx, loss_fn), mesh)
     state = jax.device_put(state_lib.create_state(unet.init_params(model, jax.random.key(config.seed)),
-                                                  tx), devices.replicated(mesh))
+                                                  tx, config), devices.replicated(mesh))
     batch = train.to_device(batch_lib.random_batch(config, seed=1), mesh)
     batches = (batch,) * per_call
     return step.lower(state, batches).compile(), state, batches, mesh

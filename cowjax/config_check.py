@@ -89,6 +89,8 @@ def validate(config) -> None:
     if config.data.source == "dir" and not config.data.data_dir:
         raise CowjaxError("config.data.data_dir is empty; set it to the folder of cases "
                           "(config.data.source is 'dir')")
+    from cowjax import weighting
+    weighting.check_config(config)
     if config.refine.num_train_steps:
         from cowjax.config_defaults import refine_config
         validate(refine_config(config))

@@ -80,6 +80,17 @@ def default_config() -> ml_collections.ConfigDict:
     l.w_landmark_attr = 1.0
     l.w_segment_attr = 1.0
     l.w_consistency = 1.0
+    l.weighting = "fixed"                 # how the terms are combined (cowjax/weighting.py): "fixed"
+                                          # (sum of w_* x term, the paper's), "uncertainty" (learned
+                                          # log-variances, Kendall et al. 2018), "dwa" (dynamic weight
+                                          # averaging, Liu et al. 2019) or "gradnorm" (Chen et al.
+                                          # 2018); under the last three a w_* only switches its term
+                                          # on (nonzero) or off (0)
+    l.weighting_lr = 0.025                # step size of the log-variances (uncertainty) and of the
+                                          # log-weights (gradnorm)
+    l.dwa_temperature = 2.0               # T of dwa's softmax
+    l.dwa_window = 20                     # steps averaged per dwa "epoch" (the paper's epoch)
+    l.gradnorm_alpha = 1.5                # gradnorm's restoring force
 
     c.optim = o = ml_collections.ConfigDict()
     o.learning_rate = 1e-4
@@ -130,7 +141,7 @@ def refine_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     c.data.crop_centre = "landmark"
     c.model.widths, c.model.heatmap_stride, c.model.segmentation_stride = tuple(r.widths), 1, 1
     c.loss.heatmap = "softmax_ce"
-    c.loss.update(w_heatmap=1.0, **ABLATIONS["heatmap_only"])
+    c.loss.update(w_heatmap=1.0, weighting="fixed", **ABLATIONS["heatmap_only"])
     c.refine.num_train_steps = 0
     return c
 

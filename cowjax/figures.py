@@ -297,3 +297,33 @@ def registration_overlay(path, fixed, fixed_affine, moving, moved_affine, fixed_
         ax.set_title(f"{view} MIP")
     fig.suptitle(f"{title}\ngrey: fixed, orange: moved; cyan o: fixed landmarks, magenta +: moved")
     return _save(fig, path)
+
+
+def training_curves(path, records: list[dict]) -> Path:
+    """A run's ``metrics.jsonl`` drawn: each loss term (log scale), the effective weight of each
+    (``weight_<term>``: constant under "fixed", moving under the dynamic weightings) and the
+    validation MRE, against the step."""
+    train = [r for r in records if r.get("split") == "train"]
+    val = [r for r in records if r.get("split") == "val" and r.get("mre_mm") is not None]
+    terms = [t for t in ("loss", "heatmap", "segmentation", "landmark_attr", "segment_attr",
+                         "consistency") if any(t in r for r in train)]
+    weights = sorted({k for r in train for k in r if k.startswith("weight_")})
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    steps = [r["step"] for r in train]
+    for t in terms:
+        axes[0].plot(steps, [abs(r.get(t, np.nan)) for r in train], label=t,
+                     linewidth=2 if t == "loss" else 1)
+    axes[0].set_yscale("log")
+    axes[0].set_title("loss terms (|total| for the total)")
+    for k in weights:
+        axes[1].plot(steps, [r.get(k, np.nan) for r in train], label=k.removeprefix("weight_"))
+    axes[1].set_title("effective weights")
+    axes[2].plot([r["step"] for r in val], [r["mre_mm"] for r in val], "o-")
+    axes[2].set_title("validation MRE (mm)")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in axes[:2]:
+        if ax.lines:
+            ax.legend(fontsize=8)
+    return _save(fig, path)

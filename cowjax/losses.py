@@ -137,14 +137,11 @@ def consistency_loss(landmark_attr_logits, segment_attr_logits):
     return attribute_bce(landmark_attr_logits, implied, mask[None, :])
 
 
-def total_loss(outputs, batch, config):
-    """Weighted sum of the loss terms; a term with weight 0 is not computed.
-
-    Weights: ``config.loss.w_heatmap``, ``w_segmentation``, ``w_landmark_attr``,
-    ``w_segment_attr``, ``w_consistency``; ``config.loss.heatmap`` picks "l2" or "softmax_ce",
-    ``config.loss.segmentation`` "dice" or "dice_ce" (Dice + ratio-weighted cross-entropy).
-    Returns (loss scalar, {term name: unweighted value}).
-    """
+def loss_terms(outputs, batch, config) -> dict:
+    """The unweighted loss terms {name: scalar}; a term whose weight ``config.loss.w_<name>`` is 0
+    is not computed. ``config.loss.heatmap`` picks "l2" or "softmax_ce", ``config.loss.segmentation``
+    "dice" or "dice_ce" (Dice + ratio-weighted cross-entropy). How they are combined is
+    ``config.loss.weighting`` (``weighting.combine``; "fixed" is ``total_loss``)."""
     lc = config.loss
     terms = {}
     if lc.w_heatmap:
@@ -165,8 +162,11 @@ def total_loss(outputs, batch, config):
                                               batch["segment_attr_mask"])
     if lc.w_consistency:
         terms["consistency"] = consistency_loss(outputs["landmark_attr"], outputs["segment_attr"])
-    weights = {"heatmap": lc.w_heatmap, "segmentation": lc.w_segmentation,
-               "landmark_attr": lc.w_landmark_attr, "segment_attr": lc.w_segment_attr,
-               "consistency": lc.w_consistency}
-    loss = sum((weights[k] * v for k, v in terms.items()), jnp.zeros((), jnp.float32))
+    return terms
+
+
+def total_loss(outputs, batch, config):
+    """The fixed weighting: (sum of ``config.loss.w_<name>`` x term, {name: unweighted term})."""
+    terms = loss_terms(outputs, batch, config)
+    loss = sum((config.loss[f"w_{k}"] * v for k, v in terms.items()), jnp.zeros((), jnp.float32))
     return loss, terms

@@ -147,7 +147,7 @@ def workdir(tmp_path_factory):
     shapes = jax.eval_shape(lambda: unet.init_params(model, jax.random.key(0)))
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(s.dtype), shapes)
-    state = state_lib.create_state(params, tx)
+    state = state_lib.create_state(params, tx, config)
     wd = tmp_path_factory.mktemp("run")
     ckpts = checkpoint.Checkpoints(wd, keep=1)
     ckpts.save(state, {"step": 0, "nonfinite": 0, "seed": 0,

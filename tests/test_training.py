@@ -33,7 +33,7 @@ def test_loss_falls_when_overfitting_one_batch():
     config.loss.heatmap = "softmax_ce"
     config.model.heatmap_stride = 2
     model, tx = TinyNet(2), state_lib.make_optimizer(config)
-    state = state_lib.create_state(state_lib.init_params(model, config), tx)
+    state = state_lib.create_state(state_lib.init_params(model, config), tx, config)
     mesh = train.make_mesh(config.batch_size)
     step = train.compile_train_step(train.make_train_step(model, config, tx), mesh)
     batch = train.to_device(batch_lib.random_batch(config), mesh)
@@ -51,7 +51,7 @@ def test_train_call_makes_no_host_device_transfers():
     config = tiny_config()
     model, tx = TinyNet(), state_lib.make_optimizer(config)
     mesh = train.make_mesh(config.batch_size)
-    state = jax.device_put(state_lib.create_state(state_lib.init_params(model, config), tx),
+    state = jax.device_put(state_lib.create_state(state_lib.init_params(model, config), tx, config),
                            devices.replicated(mesh))
     step = train.compile_train_step(train.make_train_step(model, config, tx), mesh)
     batches = tuple(train.to_device(batch_lib.random_batch(config, index=i), mesh) for i in range(3))
@@ -163,6 +163,44 @@ def test_load_for_inference_best_else_latest_and_clear_errors(tmp_path):
         meta_file.write_text(json.dumps(meta))
     with pytest.raises(CowjaxError, match="20 landmarks"):
         ckpt.load_for_inference(tmp_path)
+
+
+@pytest.mark.parametrize("strategy", ["uncertainty", "dwa"])
+def test_weighting_strategies_log_their_weights_and_resume_exactly(strategy, tmp_path):
+    """What a strategy learns or tracks is in the checkpoint: stopped at step 2 and resumed, the run
+    logs the same losses and weights as one never stopped; the weights move, and are drawn."""
+    def config(steps):
+        c = tiny_config(num_train_steps=steps, checkpoint_every_steps=2, eval_every_steps=100,
+                        log_every_steps=1)
+        c.loss.update(weighting=strategy, dwa_window=1, weighting_lr=0.2)
+        return c
+    run(config(5), tmp_path / "full")
+    run(config(2), tmp_path / "resumed")
+    run(config(5), tmp_path / "resumed")
+    train_log = [m for m in read_metrics(tmp_path / "resumed") if m["split"] == "train"]
+    assert train_log == [m for m in read_metrics(tmp_path / "full") if m["split"] == "train"]
+    weights = np.array([[m[f"weight_{t}"] for t in ("heatmap", "segmentation", "consistency")]
+                        for m in train_log])
+    assert np.all(np.isfinite([m["loss"] for m in train_log])) and np.all(weights > 0)
+    assert np.ptp(weights[:, 0]) > 1e-4                       # the weights are not fixed
+    assert (tmp_path / "full" / "curves.png").is_file()
+
+
+@pytest.mark.slow
+def test_gradnorm_trains_the_network_and_balances_at_its_shared_layer(tmp_path):
+    from cowjax.model import unet
+    config = tiny_config(num_train_steps=3, eval_every_steps=100, log_every_steps=1)
+    config.model.widths = (4, 8)
+    config.loss.update(weighting="gradnorm", weighting_lr=0.2)
+    train.run_training(config, tmp_path, unet.build_model(config), RandomBatches(config),
+                       val_examples(config))
+    train_log = [m for m in read_metrics(tmp_path) if m["split"] == "train"]
+    terms = [k.removeprefix("weight_") for k in train_log[0] if k.startswith("weight_")]
+    assert len(terms) == 5 and all(np.isfinite(m["loss"]) for m in train_log)
+    first, last = (np.array([m[f"weight_{t}"] for t in terms]) for m in (train_log[0], train_log[-1]))
+    np.testing.assert_allclose(first, 1.0)                     # GradNorm starts uniform
+    np.testing.assert_allclose(last.sum(), len(terms), rtol=1e-5)   # and keeps the sum K
+    assert np.abs(last - 1).max() > 1e-3
 
 
 def _train_and_dump(out, num_steps):

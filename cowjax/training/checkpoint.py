@@ -1,7 +1,7 @@
 """Checkpoints with orbax: the train state, the config and the data-iterator position together.
 
 Layout under the workdir:
-  checkpoints/<step>/{params, opt_state, meta}   the latest ``config.train.keep_checkpoints``
+  checkpoints/<step>/{params, opt_state, weighting, meta}   the latest ``keep_checkpoints``
   best/<step>/{params, meta}                     the one with the lowest validation MRE
 ``meta`` is JSON: step, skipped-update count, seed, the data iterator's state, the resolved
 config and the anatomy the model was made for. Orbax writes each step into a temporary directory
@@ -64,6 +64,7 @@ def _manager(directory: Path, keep: int | None, best: bool = False, read_only: b
     handlers = {"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     if not best:
         handlers["opt_state"] = ocp.StandardCheckpointHandler()
+        handlers["weighting"] = ocp.StandardCheckpointHandler()
     return ocp.CheckpointManager(directory.resolve(), options=options, item_handlers=handlers)
 
 
@@ -111,6 +112,7 @@ class Checkpoints:
             self.latest.save(step, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state["params"]),
                 opt_state=ocp.args.StandardSave(state["opt_state"]),
+                weighting=ocp.args.StandardSave(state["weighting"]),
                 meta=ocp.args.JsonSave(meta)))
 
     def restore_latest(self, abstract_state):
@@ -121,9 +123,11 @@ class Checkpoints:
                          self.latest.item_metadata(step)["params"], abstract_state["params"])
         r = self.latest.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_state["params"]),
-            opt_state=ocp.args.StandardRestore(abstract_state["opt_state"])))
+            opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
+            weighting=ocp.args.StandardRestore(abstract_state["weighting"])))
         state = {"step": np.int32(meta["step"]), "params": r["params"],
-                 "opt_state": r["opt_state"], "nonfinite": np.int32(meta["nonfinite"])}
+                 "opt_state": r["opt_state"], "nonfinite": np.int32(meta["nonfinite"]),
+                 "weighting": r["weighting"]}
         return state, meta
 
     def close(self) -> None:

@@ -1,7 +1,9 @@
 """The plain-dict train state and the optimizer.
 
-State: ``{"step": int32 [], "params": pytree, "opt_state": pytree, "nonfinite": int32 []}``;
-``nonfinite`` counts the updates skipped because the loss or a gradient was not finite.
+State: ``{"step": int32 [], "params": pytree, "opt_state": pytree, "nonfinite": int32 [],
+"weighting": dict}``; ``nonfinite`` counts the updates skipped because the loss or a gradient was
+not finite; ``weighting`` is what the loss weighting strategy learns or tracks
+(``weighting.init``).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+
+from cowjax import weighting
 
 
 
@@ -38,11 +42,11 @@ def init_params(model, config):
     return model.init(jax.random.key(config.seed), image)["params"]
 
 
-def create_state(params, tx) -> dict:
+def create_state(params, tx, config) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "nonfinite": jnp.zeros((), jnp.int32)}
+            "nonfinite": jnp.zeros((), jnp.int32), "weighting": weighting.init(config)}
 
 
 def abstract_state(model, config, tx) -> dict:
     """Shapes and dtypes of the state, without computing it (for restoring checkpoints)."""
-    return jax.eval_shape(lambda: create_state(init_params(model, config), tx))
+    return jax.eval_shape(lambda: create_state(init_params(model, config), tx, config))

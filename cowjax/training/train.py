@@ -30,27 +30,40 @@ import optax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from cowjax import config_check, devices, heatmaps, losses
+from cowjax import config_check, devices, heatmaps, losses, weighting
 from cowjax.errors import CowjaxError, atomic_output
 from cowjax.training import checkpoint as ckpt
 from cowjax.training import state as state_lib
 
 
 def make_train_step(model, config, tx, loss_fn=None):
-    """The pure train step ``(state, batch) -> (state, metrics)``; ``loss_fn(outputs, batch,
-    config) -> (loss, terms)`` defaults to ``losses.total_loss``.
+    """The pure train step ``(state, batch) -> (state, metrics)``.
+
+    The loss terms (``losses.loss_terms``) are combined by ``config.loss.weighting``
+    (``weighting.loss_and_grads``), whose state moves on with every kept update; the effective
+    weights are logged as ``weight_<term>``. ``loss_fn(outputs, batch, config) -> (loss, terms)``
+    replaces all that (the bench's side-by-side with PyTorch).
 
     A non-finite loss or gradient leaves params and optimizer state unchanged (counted in
     ``state["nonfinite"]`` and metrics["skipped"]; metrics["finite"] tells the host, which stops or
     goes on according to ``config.train.nonfinite``). No randomness: the step is a deterministic function of its inputs.
     """
-    loss_fn = loss_fn or losses.total_loss
-
-    def objective(params, batch):
-        return loss_fn(model.apply({"params": params}, batch["image"]), batch, config)
+    def gradients(state, batch):
+        """(loss, grads, terms, the weighting state after this step, {weight_<term>: w})"""
+        if loss_fn is not None:
+            objective = lambda p: loss_fn(model.apply({"params": p}, batch["image"]), batch, config)
+            (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+            return loss, grads, terms, state["weighting"], {}
+        terms_fn = lambda p: losses.loss_terms(model.apply({"params": p}, batch["image"]), batch,
+                                               config)
+        loss, grads, aux = weighting.loss_and_grads(config, state["weighting"], terms_fn,
+                                                    state["params"])
+        wstate = weighting.update(config, state["weighting"], aux["terms"], aux["grad_norms"])
+        shown = {f"weight_{t}": w for t, w in aux["weights"].items() if t in aux["terms"]}
+        return loss, grads, aux["terms"], wstate, shown
 
     def step(state, batch):
-        (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state["params"], batch)
+        loss, grads, terms, wstate, shown = gradients(state, batch)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -59,8 +72,10 @@ def make_train_step(model, config, tx, loss_fn=None):
         new_state = {"step": state["step"] + 1,
                      "params": keep(params, state["params"]),
                      "opt_state": keep(opt_state, state["opt_state"]),
-                     "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32)}
-        metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "finite": finite,
+                     "nonfinite": state["nonfinite"] + (~finite).astype(jnp.int32),
+                     # A skipped step does not enter what the weighting tracks.
+                     "weighting": keep(wstate, state["weighting"])}
+        metrics = {"loss": loss, **terms, **shown, "grad_norm": grad_norm, "finite": finite,
                    "skipped": new_state["nonfinite"]}
         return new_state, metrics
 
@@ -158,8 +173,12 @@ class _Metrics:
 
     def write(self, record: dict) -> None:
         if self.primary:
-            with open(self.path, "a") as f:
+            with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
+        return [json.loads(line) for line in lines if line.strip()]
 
 
 class _Sigterm:
@@ -210,7 +229,7 @@ def run_training(config, workdir, model, train_iter, val_examples, desc: str = "
         state, meta = checkpoints.restore_latest(abstract)
         ckpt.set_iterator_state(train_iter, meta["iterator"])
     else:
-        state = state_lib.create_state(state_lib.init_params(model, config), tx)
+        state = state_lib.create_state(state_lib.init_params(model, config), tx, config)
     state = jax.device_put(state, replicated)
     start = int(state["step"])
     metrics_log = _Metrics(workdir / "metrics.jsonl", start)
@@ -295,6 +314,9 @@ def run_training(config, workdir, model, train_iter, val_examples, desc: str = "
     finally:
         bar.close()
         checkpoints.close()
+    if jax.process_index() == 0:
+        from cowjax import figures  # matplotlib, only once a run is done
+        figures.training_curves(workdir / "curves.png", metrics_log.records())
     return summary
 
 
