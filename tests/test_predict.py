@@ -13,6 +13,7 @@ from cowjax import anatomy
 from cowjax.data import io, preprocess
 from cowjax.errors import CowjaxError
 from cowjax.inference import evaluate, predict, windows
+from cowjax.inference import predictor as predictor_lib
 from cowjax.inference.predictor import Predictor
 from cowjax.model import unet
 
@@ -370,3 +371,13 @@ def test_argmax_decoding_lands_on_grid_voxels_and_tta_can_be_turned_off():
     np.testing.assert_allclose(pred.landmarks, np.broadcast_to(centre, (L, 3)), atol=1.6)
     with pytest.raises(CowjaxError, match="decode"):
         Predictor(_config(1), params=None, decode_method="centroid")
+
+
+def test_bifurcation_follows_the_predicted_presence_by_the_cow19_rule():
+    present = np.full(anatomy.NUM_SEGMENTS, 0.9)
+    present[anatomy.SEGMENT_INDEX["PCoA_R"]] = 0.1            # PCoA_R most likely absent
+    pred = predictor_lib.Prediction(np.zeros((L, 3)), np.ones(L), np.full(L, 0.7), present)
+    np.testing.assert_allclose(pred.bifurcation_prob, anatomy.landmark_attributes(present))
+    assert pred.bifurcation_prob[anatomy.LANDMARK_INDEX["ICA_PCoA_R"]] < 0.5
+    assert pred.bifurcation_prob[anatomy.LANDMARK_INDEX["ICA_PCoA_L"]] > 0.5
+    np.testing.assert_allclose(pred.bifurcation_branch_prob, 0.7)   # the branch's own, kept

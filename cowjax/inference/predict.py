@@ -35,7 +35,8 @@ def prediction_dict(pred: Prediction) -> dict:
     return {
         "landmarks": {name: {"position_ras_mm": [float(v) for v in pred.landmarks[i]],
                              "confidence": float(pred.confidence[i]),
-                             "bifurcation_prob": float(pred.bifurcation_prob[i])}
+                             "bifurcation_prob": float(pred.bifurcation_prob[i]),
+                             "bifurcation_branch_prob": float(pred.bifurcation_branch_prob[i])}
                       for i, name in enumerate(anatomy.LANDMARKS)},
         "segments": {name: {"present_prob": float(pred.present_prob[j])}
                      for j, name in enumerate(anatomy.SEGMENTS)},
