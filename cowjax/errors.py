@@ -6,15 +6,25 @@ entry points print its message as one line and exit non-zero, without a tracebac
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 
 class CowjaxError(Exception):
     """An error whose message names the file or value and the problem, meant for the user."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the ``python -m`` entry points: a usage mistake is one line and exit 2."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 @contextlib.contextmanager

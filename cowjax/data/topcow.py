@@ -27,7 +27,6 @@ What the TopCoW labels give, and what they do not (never guessed):
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from tqdm import tqdm
 
 from cowjax import anatomy
 from cowjax.data import io
-from cowjax.errors import CowjaxError, atomic_output_dir
+from cowjax.errors import ArgumentParser, CowjaxError, atomic_output_dir
 
 # TopCoW's multiclass labels (topcow24_eval/constants.py MUL_CLASS_LABEL_MAP; 13 and 14 unused).
 TOPCOW_CLASSES = {"BA": 1, "R-PCA": 2, "L-PCA": 3, "R-ICA": 4, "R-MCA": 5, "L-ICA": 6, "L-MCA": 7,
@@ -242,14 +241,8 @@ def import_dataset(images_dir, labels_dir, out_dir, pattern: str = "*", masks: b
                                            disable=not progress, leave=False)]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):                                       # one line, exit 2
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None) -> int:
-    parser = _Parser(prog="python -m cowjax.data.topcow",
+    parser = ArgumentParser(prog="python -m cowjax.data.topcow",
                      description="Import TopCoW TOF-MRA cases as cow19 case folders.")
     parser.add_argument("images", help="folder of images, e.g. imagesTr (topcow_mr_001_0000.nii.gz)")
     parser.add_argument("labels", help="folder of multiclass label maps, e.g. cow_seg_labelsTr "

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 from cowjax.data import _parallel, io
 from cowjax.data.synthetic.case import PAPER_SPACING, generate_case
-from cowjax.errors import CowjaxError, atomic_output_dir
+from cowjax.errors import ArgumentParser, CowjaxError, atomic_output_dir
 
 
 def _write_case(out_dir: Path, case: io.Case, info: dict, preview: bool) -> Path:
@@ -65,14 +64,8 @@ def _parse_spacing(text: str) -> tuple[float, float, float]:
     return values
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):                                       # one line, exit 2
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None) -> int:
-    parser = _Parser(prog="python -m cowjax.data.synthetic",
+    parser = ArgumentParser(prog="python -m cowjax.data.synthetic",
                      description="Write synthetic Circle of Willis TOF-MRA cases.")
     parser.add_argument("out_dir")
     parser.add_argument("--num", type=int, required=True, help="number of cases")
