@@ -1,6 +1,6 @@
 """An independent held-out generator of TOF-MRA-like Circle of Willis cases (cow19 contract).
 
-Written from ``shared/cow19.md``, ``cowjax/anatomy.py`` and ``cowjax/data/io.py`` only, without
+Written from ``shared/cow19.md``, ``cowjax/anatomy.py`` and ``cowjax/data/io/`` only, without
 reading the project's own synthetic generator, so that a model trained on that generator can be
 measured on data it has never seen the like of.
 
@@ -646,7 +646,7 @@ def _write_ras_mrk(path, landmarks_ras):
             "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
             "selected": True, "locked": False, "visibility": True, "positionStatus": "defined"}
            for i, n in enumerate(anatomy.LANDMARKS)]
-    doc = {"@schema": io._SLICER_SCHEMA, "markups": [{
+    doc = {"@schema": io.SLICER_SCHEMA, "markups": [{
         "type": "Fiducial", "coordinateSystem": "RAS", "coordinateUnits": "mm", "locked": False,
         "fixedNumberOfControlPoints": False, "labelFormat": "%N-%d",
         "lastUsedControlPointNumber": len(pts), "controlPoints": pts, "measurements": []}]}
