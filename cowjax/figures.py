@@ -310,13 +310,16 @@ def training_curves(path, records: list[dict]) -> Path:
     weights = sorted({k for r in train for k in r if k.startswith("weight_")})
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     steps = [r["step"] for r in train]
+    colour = {t: f"C{i}" for i, t in enumerate(("loss", "heatmap", "segmentation",
+                                                 "landmark_attr", "segment_attr", "consistency"))}
     for t in terms:
-        axes[0].plot(steps, [abs(r.get(t, np.nan)) for r in train], label=t,
+        axes[0].plot(steps, [abs(r.get(t, np.nan)) for r in train], label=t, color=colour[t],
                      linewidth=2 if t == "loss" else 1)
     axes[0].set_yscale("log")
     axes[0].set_title("loss terms (|total| for the total)")
     for k in weights:
-        axes[1].plot(steps, [r.get(k, np.nan) for r in train], label=k.removeprefix("weight_"))
+        term = k.removeprefix("weight_")
+        axes[1].plot(steps, [r.get(k, np.nan) for r in train], label=term, color=colour.get(term))
     axes[1].set_title("effective weights")
     axes[2].plot([r["step"] for r in val], [r["mre_mm"] for r in val], "o-")
     axes[2].set_title("validation MRE (mm)")
