@@ -42,8 +42,8 @@ class Prediction:
     """One image's prediction. landmarks: [19, 3] world RAS mm; confidence: [19] (peak height, or
     softmax mass for softmax-trained heatmaps); present_prob: [20] (the segment branch);
     bifurcation_prob: [19], implied by ``present_prob`` through the cow19 rule
-    (``anatomy.landmark_attributes``, soft: it measured better than the landmark branch on our
-    validation split, 91.8% against 88.3%, and on held-out cases, BENCHMARKS.md);
+    (``anatomy.landmark_attributes`` on presence > 0.5: it measured better than the landmark
+    branch on our validation split, 91.8% against 88.3%, and on held-out cases, BENCHMARKS.md);
     bifurcation_branch_prob: [19], the landmark attribute branch's own output;
     segmentation: None or [X, Y, Z] uint8 labels 0..20 on the input image's grid (the lumen
     labelled by the predicted landmarks); head_segmentation: None or the same lumen labelled by the
@@ -57,7 +57,10 @@ class Prediction:
 
     @property
     def bifurcation_prob(self) -> np.ndarray:
-        return anatomy.landmark_attributes(self.present_prob)
+        # The rule as a fuzzy AND (the least likely of the variable segments the landmark needs;
+        # the others always exist): above 0.5 exactly where the hard rule on presence > 0.5 holds.
+        p = np.where(anatomy.VARIABLE_SEGMENT_MASK, self.present_prob, 1.0)
+        return np.where(anatomy.LANDMARK_DEPENDS, p, 1.0).min(axis=-1)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
