@@ -2,6 +2,8 @@
 
   python launch.py --config=configs/demo.py --workdir=runs/demo             # train, then test
   python launch.py --mode=ablate --config=configs/demo.py --workdir=runs/ablation --seeds=3
+  python launch.py --config=configs/demo.py --workdir=runs/sweep \
+      --config.sweep.weighting="('fixed','uncertainty','dwa','gradnorm')"   # trained together
   python launch.py --mode=predict --workdir=runs/demo --input=IMG --output=OUT.mrk.json
   python launch.py --mode=eval --workdir=runs/demo --data_dir=CASES
   python launch.py --mode=eval --workdir=runs/demo --decode=argmax --tta=none --norefine  # as the paper
@@ -12,6 +14,9 @@
 ``--mode=ablate`` trains the paper's four loss settings (heatmap_only, seg, seg_attr, full) for each
 seed, each a run under the workdir, evaluates them on the same test cases (``--data_dir``: on those
 cases) and writes the comparison there (``cowjax/ablation.py``); started again it skips what is done.
+A config with ``config.sweep`` set trains its members as one program, each a run in
+``<workdir>/member_<k>`` (``cowjax/training/sweep.py``); ``--mode=eval`` on the sweep's workdir
+compares them in one report, as the ablation's.
 
 Everything worth testing lives in ``cowjax``; this file parses flags and makes one call.
 A user's mistake (a bad path, a broken file) is printed as one line and exits with status 2.
@@ -28,7 +33,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config. "
-                               "For --mode=eval, a comma-separated list compares runs.")
+                               "For --mode=eval, a comma-separated list compares runs, and a "
+                               "sweep's directory its members.")
 _MODE = flags.DEFINE_enum("mode", "train",
                           ["train", "eval", "predict", "register", "ablate", "bench"], "What to do.")
 _INPUT = flags.DEFINE_string("input", None, "predict: an image, or a directory of cases/images.")
@@ -64,14 +70,12 @@ def _run() -> None:
         if config is None or workdir is None:
             raise _usage("--mode=train needs --config and --workdir")
         from cowjax.training import train
-        from cowjax.inference import evaluate
         train.train_and_evaluate(config, workdir)
-        evaluate.run_eval([workdir], data_dir=None)
+        _evaluate([workdir], data_dir=None)
     elif mode == "eval":
         if workdir is None:
             raise _usage("--mode=eval needs --workdir")
-        from cowjax.inference import evaluate
-        evaluate.run_eval(workdir.split(","), data_dir=_DATA_DIR.value, **_inference_flags())
+        _evaluate(workdir.split(","), data_dir=_DATA_DIR.value)
     elif mode == "predict":
         if not (workdir and _INPUT.value and _OUTPUT.value):
             raise _usage("--mode=predict needs --workdir, --input and --output")
@@ -96,6 +100,18 @@ def _run() -> None:
             raise _usage("--mode=bench needs --config")
         from cowjax import bench
         bench.run_bench(config, parts=_PARTS.value)
+
+
+def _evaluate(workdirs, data_dir) -> None:
+    """Evaluate runs (several: also compared), or a sweep's members compared."""
+    from cowjax.training import sweep
+    if len(workdirs) == 1 and sweep.is_sweep_dir(workdirs[0]):
+        from cowjax import ablation
+        ablation.evaluate_sweep(workdirs[0], data_dir, command=shlex.join(["python", *sys.argv]),
+                                **_inference_flags())
+    else:
+        from cowjax.inference import evaluate
+        evaluate.run_eval(workdirs, data_dir=data_dir, **_inference_flags())
 
 
 def _inference_flags() -> dict:

@@ -23,6 +23,9 @@ Written into the workdir (with ``data_dir``: into ``<workdir>/eval/<data_dir's n
 ``report.json``, ``report.md``, ``landmark_errors.png`` (per-landmark box plots, the arms side by
 side, seeds pooled), ``differences.png`` (each arm's paired difference from heatmap_only), and
 ``evaluations/<run>.json`` (each run's per-case errors, re-used while newer than its checkpoints).
+
+A sweep's members (``training/sweep.py``) are compared in the same report, each member an arm of
+one run: ``evaluate_sweep``, what ``--mode=eval`` does with a sweep's workdir.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from cowjax.errors import CowjaxError, atomic_output
 from cowjax import figures, metrics
 from cowjax.inference import evaluate
 from cowjax.training import checkpoint as ckpt
-from cowjax.training import train
+from cowjax.training import sweep, train
 
 ARMS = tuple(config_defaults.ABLATIONS)       # heatmap_only, seg, seg_attr, full
 REFERENCE = ARMS[0]
@@ -67,11 +70,15 @@ def run_name(arm: str, s: int) -> str:
 def arm_configs(base: ml_collections.ConfigDict, seeds: int) -> dict[str, ml_collections.ConfigDict]:
     """{run name: config} for every seed offset s (outer) and arm (inner, in ``ARMS`` order).
 
-    CowjaxError when ``seeds`` < 1, or when the base already has an auxiliary loss weight at zero
-    (an ablation variant as the base: some arms would train the same loss under two names).
+    CowjaxError when ``seeds`` < 1, when the base already has an auxiliary loss weight at zero
+    (an ablation variant as the base: some arms would train the same loss under two names), or a
+    sweep.
     """
     if isinstance(seeds, bool) or not isinstance(seeds, (int, np.integer)) or seeds < 1:
         raise CowjaxError(f"--seeds={seeds}: the number of seeds per arm must be at least 1")
+    if sweep.is_sweep(base):
+        raise CowjaxError("--mode=ablate: the base config has a sweep (config.sweep); the "
+                          "ablation's arms are its own, leave config.sweep unset")
     zero = [w for w in AUXILIARY_WEIGHTS if not base.loss[w]]
     if zero:
         raise CowjaxError(f"--mode=ablate: the base config has loss.{zero[0]} = 0, so some arms would "
@@ -191,18 +198,19 @@ def _checkpoint_mtime(workdir: Path) -> float:
     return max((p.stat().st_mtime for p in paths), default=float("inf"))
 
 
-def _evaluation(workdir: Path, data_dir, record_path: Path, tag: str) -> dict:
-    """One run's evaluation record: {"data", "cases", "errors_mm" [cases, 19] (None unknown),
-    "summary" (evaluate's, all cases), "report"}; re-used while newer than the run's checkpoints."""
+def _evaluation(workdir: Path, data_dir, record_path: Path, tag: str, **inference) -> dict:
+    """One run's evaluation record: {"data", "inference", "cases", "errors_mm" [cases, 19] (None
+    unknown), "summary" (evaluate's, all cases), "report"}; re-used while newer than the run's
+    checkpoints. inference: ``evaluate.evaluate_run``'s keyword arguments (default: its own)."""
     data = None if data_dir is None else str(Path(data_dir).resolve())
     if record_path.is_file() and record_path.stat().st_mtime > _checkpoint_mtime(workdir):
         record = json.loads(record_path.read_text(encoding="utf-8"))
-        if record.get("data") == data:
+        if record.get("data") == data and record.get("inference", {}) == inference:
             print(f"{tag} {workdir.name}: evaluation up to date", flush=True)
             return record
     print(f"{tag} {workdir.name}: evaluate", flush=True)
-    report, errors, out_dir = evaluate.evaluate_run(workdir, data_dir)
-    record = {"data": data, "cases": report["cases"],
+    report, errors, out_dir = evaluate.evaluate_run(workdir, data_dir, **inference)
+    record = {"data": data, "inference": inference, "cases": report["cases"],
               "errors_mm": [[float(e) if np.isfinite(e) else None for e in row] for row in errors],
               "summary": report["groups"]["all"], "report": str(out_dir / "report.md")}
     record_path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,29 +277,29 @@ def run_numbers(summary: dict) -> dict:
     return out
 
 
-def compare(records: dict[str, dict], runs: dict, seeds: int) -> dict:
+def compare(records: dict[str, dict], runs: dict, arms: dict[str, list[str]]) -> dict:
     """Per arm: each run's numbers, their mean and interval over seeds, the pooled MRE, and the
-    paired difference from ``REFERENCE`` (seed s with seed s). records: {run name: evaluation}."""
+    paired difference from the first arm, the reference (seed s with seed s). records: {run name:
+    evaluation}; runs: {run name: config}; arms: {arm: its runs' names, seed s at index s}."""
     cases = next(iter(records.values()))["cases"]
     for name, r in records.items():
         if r["cases"] != cases:
             raise CowjaxError(f"{name}: evaluated on other cases than {next(iter(records))}; "
                               f"delete its evaluations/ record to evaluate it again")
-    errors = {arm: np.stack([_errors(records[run_name(arm, s)]) for s in range(seeds)])
-              for arm in ARMS}                                         # [seeds, cases, 19]
-    arms = {}
-    for arm in ARMS:
-        names = [run_name(arm, s) for s in range(seeds)]
+    reference = next(iter(arms))
+    errors = {arm: np.stack([_errors(records[n]) for n in names])
+              for arm, names in arms.items()}                          # [seeds, cases, 19]
+    out = {}
+    for arm, names in arms.items():
         numbers = {n: run_numbers(records[n]["summary"]) for n in names}
-        arms[arm] = {
-            "loss_weights": {w: runs[names[0]].loss[w] for w in ("w_heatmap", *AUXILIARY_WEIGHTS)},
+        out[arm] = {
             "runs": {n: {"seed": runs[n].seed, "report": records[n]["report"],
                          "summary": records[n]["summary"]} for n in names},
             "metrics": {k: mean_interval([numbers[n][k] for n in names]) for k, *_ in METRICS},
             "pooled_mre_mm": float(metrics.mre(errors[arm])),
-            f"difference_from_{REFERENCE}": (None if arm == REFERENCE else
-                                             paired_difference(errors[arm], errors[REFERENCE]))}
-    return {"cases": cases, "arms": arms, "errors": errors}
+            f"difference_from_{reference}": (None if arm == reference else
+                                             paired_difference(errors[arm], errors[reference]))}
+    return {"cases": cases, "reference": reference, "arms": out, "errors": errors}
 
 
 # ---------------------------------------------------------------------------------- the report
@@ -300,10 +308,12 @@ def _fmt(v, scale=1.0, digits=2) -> str:
     return "n/a" if v is None else f"{v * scale:.{digits}f}"
 
 
-def _cell(m: dict, scale, digits) -> str:
-    """'mean [lo, hi]', or 'mean (n/a)' without an interval."""
+def _cell(m: dict, scale, digits, interval: bool = True) -> str:
+    """'mean [lo, hi]', 'mean (n/a)' without an interval, 'mean' where none is expected."""
     if m["mean"] is None:
         return "n/a"
+    if not interval:
+        return _fmt(m["mean"], scale, digits)
     ci = m["ci95"]
     interval = "(n/a)" if ci is None else f"[{_fmt(ci[0], scale, digits)}, {_fmt(ci[1], scale, digits)}]"
     return f"{_fmt(m['mean'], scale, digits)} {interval}"
@@ -316,22 +326,21 @@ def _terms(weights: dict) -> str:
 
 def markdown(report: dict) -> str:
     """report.md: how it was made, the table per arm, the paired differences, the figures."""
-    key = f"difference_from_{REFERENCE}"
-    lines = ["# Ablation: what the auxiliary tasks do to the first network (the paper's Fig. 5)", "",
-             f"Command: `{report['command']}`", "",
-             f"{report['seeds']} seed(s) per arm (config.seed {report['base_seed']} + s), "
-             f"{report['num_train_steps']} training step(s) per run, first network only "
-             f"(refinement stage off), every run evaluated on the same {len(report['cases'])} "
-             f"case(s) ({report['data']}). Only landmarks with ground truth count.", "",
-             "## Per arm", "",
-             "Mean over seeds, with the 95% Student t interval over seeds in brackets (n/a: one seed).",
-             "", "| arm | loss terms | " + " | ".join(label for _, label, *_ in METRICS) + " |",
+    reference = report["reference"]
+    key = f"difference_from_{reference}"
+    seeds = report["seeds"] > 1
+    lines = [f"# {report['title']}", "", f"Command: `{report['command']}`", "", report["about"],
+             "", "## Per arm", "",
+             "Mean over seeds, with the 95% Student t interval over seeds in brackets (n/a: one seed)."
+             if seeds else "One run per arm (one seed: no interval).",
+             "", "| arm | loss | " + " | ".join(label for _, label, *_ in METRICS) + " |",
              "|---|---|" + "---|" * len(METRICS)]
     for arm, a in report["arms"].items():
-        lines.append(f"| {arm} | {_terms(a['loss_weights'])} | "
-                     + " | ".join(_cell(a["metrics"][k], s, d) for k, _, s, d in METRICS) + " |")
-    lines += ["", f"## Paired difference from {REFERENCE}", "",
-              f"Error of the arm minus error of {REFERENCE} for the same (seed, case, landmark) "
+        lines.append(f"| {arm} | {a['loss']} | "
+                     + " | ".join(_cell(a["metrics"][k], s, d, seeds) for k, _, s, d in METRICS)
+                     + " |")
+    lines += ["", f"## Paired difference from {reference}", "",
+              f"Error of the arm minus error of {reference} for the same (seed, case, landmark) "
               f"(seed s with seed s; negative: the arm is better). Interval: 95% bootstrap over "
               f"cases ({NUM_RESAMPLES} resamples, RNG seed 0); p: Wilcoxon signed-rank test over "
               f"the pairs.", "",
@@ -352,20 +361,52 @@ def markdown(report: dict) -> str:
 
 
 def _print_summary(report: dict, out_dir: Path) -> None:
-    key = f"difference_from_{REFERENCE}"
-    print(f"ablation: {report['seeds']} seed(s) x {len(ARMS)} arms, {len(report['cases'])} cases, "
-          f"{report['num_train_steps']} steps per run")
-    print(f"{'arm':<13} {'MRE mm [95% over seeds]':<26} {'SDR 2 mm %':<20} "
-          f"{'vs ' + REFERENCE + ' mm [95%]':<30} p")
+    reference = report["reference"]
+    key = f"difference_from_{reference}"
+    seeds = report["seeds"] > 1
+    print(f"{report['name']}: {report['seeds']} seed(s) x {len(report['arms'])} arms, "
+          f"{len(report['cases'])} cases, {report['num_train_steps']} steps per run")
+    width = max(13, *(len(a) + 1 for a in report["arms"]))
+    print(f"{'arm':<{width}} {'MRE mm' + (' [95% over seeds]' if seeds else ''):<26} "
+          f"{'SDR 2 mm %':<20} {'vs ' + reference + ' mm [95%]':<30} p")
     for arm, a in report["arms"].items():
         d = a[key]
         diff, p = "", ""
         if d is not None and d["mean_mm"] is not None:
             diff = f"{d['mean_mm']:+.2f} [{d['ci95_mm'][0]:+.2f}, {d['ci95_mm'][1]:+.2f}]"
             p = f"{d['p_wilcoxon']:.3g}"
-        print(f"{arm:<13} {_cell(a['metrics']['mre_mm'], 1, 2):<26} "
-              f"{_cell(a['metrics']['sdr_2.0'], 100, 1):<20} {diff:<30} {p}")
+        print(f"{arm:<{width}} {_cell(a['metrics']['mre_mm'], 1, 2, seeds):<26} "
+              f"{_cell(a['metrics']['sdr_2.0'], 100, 1, seeds):<20} {diff:<30} {p}")
     print(f"  report: {out_dir / 'report.md'} (figures in {out_dir})")
+
+
+def write_report(out_dir: Path, header: dict, records: dict[str, dict], runs: dict,
+                 arms: dict[str, list[str]], described: dict[str, dict]) -> dict:
+    """Compare the arms (``compare``), draw the figures, write ``report.json`` and ``report.md``
+    into ``out_dir`` and print a summary; returns the report.
+
+    header: the report's "name" (printed), "title", "command", "about" (a paragraph: how the runs
+    were made and tested), "seeds", "num_train_steps", and anything else report.json should hold.
+    described: per arm, fields for report.json, among them "loss": what its loss is, in a few
+    words (the table's "loss" column)."""
+    result = compare(records, runs, arms)
+    errors = result.pop("errors")
+    key = f"difference_from_{result['reference']}"
+    for arm, a in result["arms"].items():
+        a.update(described[arm])
+    figs = [figures.landmark_error_boxes(out_dir / "landmark_errors.png", errors)]
+    differences = {arm: a[key] for arm, a in result["arms"].items()
+                   if a[key] and a[key]["mean_mm"] is not None}
+    if differences:
+        figs.append(figures.paired_differences(out_dir / "differences.png", differences,
+                                               result["reference"]))
+    report = {**header, **result, "figures": [str(f) for f in figs]}
+    with atomic_output(out_dir / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    with atomic_output(out_dir / "report.md") as tmp:
+        tmp.write_text(markdown(report), encoding="utf-8")
+    _print_summary(report, out_dir)
+    return report
 
 
 def run_ablation(base: ml_collections.ConfigDict, workdir, seeds: int = 3, data_dir=None,
@@ -392,26 +433,65 @@ def run_ablation(base: ml_collections.ConfigDict, workdir, seeds: int = 3, data_
     records = {name: _evaluation(root / name, data_dir, out_dir / "evaluations" / f"{name}.json",
                                  f"[{i + 1}/{len(runs)}]")
                for i, name in enumerate(runs)}
-    result = compare(records, runs, seeds)
-    errors = result.pop("errors")
-    key = f"difference_from_{REFERENCE}"
-    figs = [figures.landmark_error_boxes(out_dir / "landmark_errors.png", errors)]
-    differences = {arm: a[key] for arm, a in result["arms"].items()
-                   if a[key] and a[key]["mean_mm"] is not None}
-    if differences:
-        figs.append(figures.paired_differences(out_dir / "differences.png", differences, REFERENCE))
     first_name, first = next(iter(runs.items()))
-    report = {"command": command or f"cowjax.ablation.run_ablation(workdir={str(root)!r}, "
-                                    f"seeds={seeds}, data_dir={data_dir!r})",
-              "seeds": int(seeds), "base_seed": int(base.seed),
-              "num_train_steps": _steps(root / first_name, first),
-              "refinement": "off (first network only)", "reference": REFERENCE,
-              "data": (f"test split of {root / 'split.json'}" if data_dir is None
-                       else str(Path(data_dir).resolve())),
-              **result, "figures": [str(f) for f in figs]}
-    with atomic_output(out_dir / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    with atomic_output(out_dir / "report.md") as tmp:
-        tmp.write_text(markdown(report), encoding="utf-8")
-    _print_summary(report, out_dir)
-    return report
+    steps = _steps(root / first_name, first)
+    cases = len(next(iter(records.values()))["cases"])
+    data = (f"test split of {root / 'split.json'}" if data_dir is None
+            else str(Path(data_dir).resolve()))
+    header = {
+        "name": "ablation",
+        "title": "Ablation: what the auxiliary tasks do to the first network (the paper's Fig. 5)",
+        "command": command or f"cowjax.ablation.run_ablation(workdir={str(root)!r}, "
+                              f"seeds={seeds}, data_dir={data_dir!r})",
+        "about": f"{seeds} seed(s) per arm (config.seed {base.seed} + s), {steps} training "
+                 f"step(s) per run, first network only (refinement stage off), every run evaluated "
+                 f"on the same {cases} case(s) ({data}). Only landmarks with ground truth count.",
+        "seeds": int(seeds), "base_seed": int(base.seed), "num_train_steps": steps,
+        "refinement": "off (first network only)", "data": data}
+    arms = {arm: [run_name(arm, s) for s in range(seeds)] for arm in ARMS}
+    weights = {arm: {w: runs[names[0]].loss[w] for w in ("w_heatmap", *AUXILIARY_WEIGHTS)}
+               for arm, names in arms.items()}
+    return write_report(out_dir, header, records, runs, arms,
+                        {arm: {"loss": _terms(w), "loss_weights": w} for arm, w in weights.items()})
+
+
+def evaluate_sweep(workdir, data_dir=None, command: str | None = None, **inference) -> dict:
+    """A sweep's members (``training/sweep.py``) evaluated on the same cases (the sweep's test
+    split, or ``data_dir``) and compared as the ablation's arms are, each member an arm of one run,
+    the first member the reference: ``report.json``, ``report.md``, ``landmark_errors.png``,
+    ``differences.png`` and ``evaluations/<member>.json`` in the sweep's workdir (with
+    ``data_dir``: in ``<workdir>/eval/<data_dir's name>/``). inference: ``evaluate.evaluate_run``'s
+    keyword arguments (``tta``, ``decode_method``, ``refine``). Returns the report."""
+    root = Path(workdir)
+    dirs = sweep.member_dirs(root)
+    runs = {}
+    for name, d in dirs.items():
+        try:
+            runs[name] = ckpt.config_from_dict(json.loads((d / "config.json").read_text(
+                encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as e:
+            raise CowjaxError(f"{d / 'config.json'}: unreadable ({e}); train the sweep first")
+    out_dir = root if data_dir is None else root / "eval" / Path(data_dir).name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = {name: _evaluation(d, data_dir, out_dir / "evaluations" / f"{name}.json",
+                                 f"[{i + 1}/{len(dirs)}]", **inference)
+               for i, (name, d) in enumerate(dirs.items())}
+    first = next(iter(runs.values()))
+    steps = int(first.num_train_steps)
+    cases = len(next(iter(records.values()))["cases"])
+    data = (f"test split of {root / 'split.json'}" if data_dir is None
+            else str(Path(data_dir).resolve()))
+    settings = sweep.read_record(root)["members"]
+    header = {
+        "name": "sweep", "title": f"Sweep: {len(dirs)} loss settings trained together",
+        "command": command or f"cowjax.ablation.evaluate_sweep(workdir={str(root)!r}, "
+                              f"data_dir={data_dir!r})",
+        "about": f"{len(dirs)} members of one sweep ({root / sweep.RECORD}), each an arm of one "
+                 f"run: trained together as one program from config.seed {first.seed}, "
+                 f"{steps} training step(s), first network only, every member evaluated on the "
+                 f"same {cases} case(s) ({data}). Only landmarks with ground truth count.",
+        "seeds": 1, "base_seed": int(first.seed), "num_train_steps": steps,
+        "refinement": "off (first network only)", "data": data, "inference": inference}
+    described = {n: {"loss": ", ".join(f"{f} {v}" for f, v in settings[n].items()),
+                     "settings": settings[n]} for n in dirs}
+    return write_report(out_dir, header, records, runs, {n: [n] for n in dirs}, described)

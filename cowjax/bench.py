@@ -3,6 +3,11 @@
   python launch.py --mode=bench --config=configs/paper.py:bench --parts=model,step,inference
   python benchmarks/torch_reference.py --config=configs/paper.py:bench   # the same network in PyTorch
   python benchmarks/profile_step.py --config=configs/paper.py:bench      # where the step's time goes
+  python launch.py --mode=bench --config=configs/demo.py --parts=sweep   # a sweep against its members
+
+``sweep`` times the step of ``config.sweep``'s members trained together (without a sweep: the four
+weighting strategies), each way they can share it (``config.train.sweep_impl``), against the sum
+of the members' own steps.
 
 Side by side with PyTorch, name ``step_mse`` (the loss both have; the default parts time ``step``, the
 project's own loss): ``--parts=model,step_mse,inference`` for both commands.
@@ -24,11 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cowjax import config_check, devices
+from cowjax import config_check, devices, weighting
 from cowjax.errors import CowjaxError
 from cowjax.model import unet
 
-PARTS = ("model", "step", "step_mse", "inference", "pipeline", "synthetic", "memory")
+PARTS = ("model", "step", "step_mse", "sweep", "inference", "pipeline", "synthetic", "memory")
 # A typical whole MRA field of view around the circle of Willis (mm) for the inference timing.
 WHOLE_FOV_MM = (80.0, 80.0, 60.0)
 
@@ -72,35 +77,39 @@ def mse_loss(outputs, batch, config):
     return sum(terms.values()), terms
 
 
-def compiled_train_step(model, config, loss_fn=None):
+def compiled_train_step(model, config, loss_fn=None, members=None):
     """The step training runs (``train.make_train_step``: the config's optimiser, clipping and
     non-finite guard, chained ``devices.steps_per_call`` steps per call), compiled for one random
     batch (``data.batch.random_batch``) on ``devices.data_mesh``: (compiled, state, batches, mesh).
-    ``loss_fn`` replaces the project's loss (``mse_loss`` for the side-by-side with PyTorch)."""
+    ``loss_fn`` replaces the project's loss (``mse_loss`` for the side-by-side with PyTorch);
+    ``members`` (a sweep's member configs) makes it the sweep's step, on their stacked states."""
     from cowjax.data import batch as batch_lib
     from cowjax.training import state as state_lib
-    from cowjax.training import train
+    from cowjax.training import sweep, train
 
     tx = state_lib.make_optimizer(config)
     mesh = devices.data_mesh(config.batch_size)
     per_call = devices.steps_per_call(config.train.steps_per_call)
-    step = train.compile_train_step(train.make_train_step(model, config, tx, loss_fn), mesh)
-    state = jax.device_put(state_lib.create_state(unet.init_params(model, jax.random.key(config.seed)),
-                                                  tx, config), devices.replicated(mesh))
+    step = train.compile_train_step(train.make_train_step(model, config, tx, loss_fn, members),
+                                    mesh)
+    params = unet.init_params(model, jax.random.key(config.seed))
+    states = [state_lib.create_state(params, tx, c) for c in members or [config]]
+    state = states[0] if members is None else sweep.stack(states)
+    state = jax.device_put(state, devices.replicated(mesh))
     batch = train.to_device(batch_lib.random_batch(config, seed=1), mesh)
     batches = (batch,) * per_call
     return step.lower(state, batches).compile(), state, batches, mesh
 
 
-def _bench_step(part, model, config, shape, repeats, use_project_loss):
-    loss_name, loss_fn = ("total_loss", None) if use_project_loss else ("mse", mse_loss)
+def _time_step(model, config, repeats, loss_fn=None, members=None) -> dict:
+    """Compile and time the train step: {"step_s" (median, per step), "compile_s", "flops" (per
+    step, all devices; None where XLA does not say), "devices", "per_call"}."""
     per_call = devices.steps_per_call(config.train.steps_per_call)
     t = time.perf_counter()
-    compiled, state, batches, mesh = compiled_train_step(model, config, loss_fn)
+    compiled, state, batches, mesh = compiled_train_step(model, config, loss_fn, members)
     compile_s = time.perf_counter() - t
     # An SPMD program's cost analysis counts one device's share.
     flops = _flops(compiled)
-    flops = flops * mesh.size / per_call if flops else None
     holder = [state]
 
     def run():
@@ -108,14 +117,50 @@ def _bench_step(part, model, config, shape, repeats, use_project_loss):
         jax.block_until_ready(metrics["loss"])
 
     run()  # first call: allocation and warm-up
-    sec = median_time(run, repeats) / per_call
+    return {"step_s": median_time(run, repeats) / per_call, "compile_s": compile_s,
+            "flops": flops * mesh.size / per_call if flops else None, "devices": mesh.size,
+            "per_call": per_call}
+
+
+def _bench_step(part, model, config, shape, repeats, use_project_loss):
+    loss_name, loss_fn = ("total_loss", None) if use_project_loss else ("mse", mse_loss)
+    timed = _time_step(model, config, repeats, loss_fn)
+    sec, flops = timed["step_s"], timed["flops"]
     voxels = config.batch_size * int(np.prod(shape))
     _emit(part, loss=loss_name, conv_impl=config.model.conv_impl,
-          batch=config.batch_size, devices=mesh.size, input=list(shape), steps_per_call=per_call,
-          step_s=round(sec, 4), steps_per_s=round(1 / sec, 3), voxels_per_s=round(voxels / sec),
-          compile_s=round(compile_s, 1),
+          batch=config.batch_size, devices=timed["devices"], input=list(shape),
+          steps_per_call=timed["per_call"], step_s=round(sec, 4), steps_per_s=round(1 / sec, 3),
+          voxels_per_s=round(voxels / sec), compile_s=round(timed["compile_s"], 1),
           flops_per_step=flops, gflops_per_s=round(flops / sec / 1e9, 1) if flops else None)
     return sec
+
+
+def _bench_sweep(model, config, repeats):
+    """A sweep's step (``config.sweep``; without one, the four weighting strategies), each way the
+    members can share it (``config.train.sweep_impl``), against the single steps of its members,
+    all compiled and timed in this process."""
+    from cowjax.config_defaults import sweep_configs
+    from cowjax.training import sweep
+    config = config.copy_and_resolve_references()
+    if not sweep.is_sweep(config):
+        config.sweep.weighting = tuple(weighting.STRATEGIES)
+    members = sweep_configs(config)
+    single = {name: _time_step(model, c, repeats)["step_s"] for name, c in members.items()}
+    total = sum(single.values())
+    swept, compile_s = {}, {}
+    for impl in ("unroll", "vmap"):
+        config.train.sweep_impl = impl
+        timed = _time_step(model, config, repeats, members=list(members.values()))
+        swept[impl], compile_s[impl] = timed["step_s"], round(timed["compile_s"], 1)
+    config.train.sweep_impl = "auto"
+    _emit("sweep", members=len(members), settings=sweep.settings(config, members),
+          batch=config.batch_size, input=list(config.data.crop_shape), devices=timed["devices"],
+          steps_per_call=timed["per_call"],
+          single_step_s={n: round(v, 4) for n, v in single.items()},
+          sum_single_step_s=round(total, 4),
+          sweep_step_s={k: round(v, 4) for k, v in swept.items()},
+          speedup={k: round(total / v, 2) for k, v in swept.items()}, auto=sweep.impl(config),
+          compile_s=compile_s, device=jax.devices()[0].device_kind)
 
 
 def whole_volume_shape(config) -> tuple[int, int, int]:
@@ -215,6 +260,8 @@ def run_bench(config, parts=PARTS, repeats: int = 5) -> None:
         step_s = _bench_step("step", model, config, shape, repeats, True)
     if "step_mse" in parts:
         step_s = _bench_step("step_mse", model, config, shape, repeats, False)
+    if "sweep" in parts:
+        _bench_sweep(model, config, repeats)
     if "inference" in parts:
         _bench_inference(model, params, config, repeats)
     if "pipeline" in parts:

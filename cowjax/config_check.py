@@ -20,6 +20,7 @@ NONFINITE = ("stop", "skip")
 REGISTRATIONS = ("none", "template", "training_sample")
 CROP_CENTRES = ("circle", "landmark")
 SOURCES = ("synthetic", "dir")
+SWEEP_IMPLS = ("auto", "vmap", "unroll")
 
 
 def _choice(config, path: str, choices) -> None:
@@ -47,7 +48,8 @@ def validate(config) -> None:
                           ("model.norm", NORMS), ("model.dtype", DTYPES),
                           ("model.conv_impl", CONV_IMPLS), ("optim.schedule", SCHEDULES),
                           ("train.nonfinite", NONFINITE), ("data.registration", REGISTRATIONS),
-                          ("data.crop_centre", CROP_CENTRES), ("data.source", SOURCES)):
+                          ("data.crop_centre", CROP_CENTRES), ("data.source", SOURCES),
+                          ("train.sweep_impl", SWEEP_IMPLS)):
         _choice(config, path, choices)
     problem = devices.batch_error(config.batch_size)
     if problem:
@@ -91,6 +93,35 @@ def validate(config) -> None:
                           "(config.data.source is 'dir')")
     from cowjax import weighting
     weighting.check_config(config)
+    _check_sweep(config)
     if config.refine.num_train_steps:
         from cowjax.config_defaults import refine_config
         validate(refine_config(config))
+
+
+def _check_sweep(config) -> None:
+    """``config.sweep``: known fields, lists of one length K >= 2, every member a valid config."""
+    from cowjax.config_defaults import SWEEP_FIELDS, sweep_configs
+    swept = {f: v for f, v in (config.get("sweep") or {}).items() if v is not None}
+    for f, values in swept.items():
+        if f not in SWEEP_FIELDS:
+            raise CowjaxError(f"config.sweep.{f}: not a setting a sweep can vary; one of "
+                              f"{SWEEP_FIELDS}")
+        if not isinstance(values, (tuple, list)):
+            raise CowjaxError(f"config.sweep.{f}={values!r}: expected a list of values, one per "
+                              f"member, e.g. \"(0.5, 1.0)\"")
+        if len(values) < 2:
+            raise CowjaxError(f"config.sweep.{f}={tuple(values)}: a sweep needs two or more values "
+                              f"(for one, set config.loss.{f})")
+    swept = {f: swept[f] for f in SWEEP_FIELDS if f in swept}
+    lengths = {f: len(v) for f, v in swept.items()}
+    if len(set(lengths.values())) > 1:
+        raise CowjaxError("config.sweep: lists of different lengths ("
+                          + ", ".join(f"{f}: {n}" for f, n in lengths.items())
+                          + "); each gives one value per member")
+    for name, member in sweep_configs(config).items():
+        try:
+            validate(member)
+        except CowjaxError as e:
+            values = ", ".join(f"{f}={member.loss[f]!r}" for f in swept)
+            raise CowjaxError(f"config.sweep {name} ({values}): {e}") from None

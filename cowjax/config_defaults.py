@@ -7,6 +7,15 @@ the run's `config.json` holds the filled-in values: `num_train_steps` when `num_
 """
 
 import ml_collections
+from ml_collections import config_dict
+
+from cowjax.errors import CowjaxError
+
+
+# The loss settings a sweep can vary (config.sweep.<field> lists config.loss.<field>'s values).
+SWEEP_FIELDS = ("w_heatmap", "w_segmentation", "w_landmark_attr", "w_segment_attr",
+                "w_consistency", "weighting", "weighting_lr", "dwa_temperature", "dwa_window",
+                "gradnorm_alpha")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -118,12 +127,47 @@ def default_config() -> ml_collections.ConfigDict:
     r.prior_sigma_mm = 3.0
     r.tta_shift_mm = 2.5                  # also patches shifted by this along each axis, averaged (0: off)
 
+    # A sweep: loss settings trained side by side as one program (cowjax/training/sweep.py). Each
+    # field, when set, lists the values of config.loss's field of that name, one per member, e.g.
+    # --config.sweep.weighting="('fixed','uncertainty')"; every list set has the same length K >= 2
+    # and member k (workdir <workdir>/member_<k>) is the base config with the k-th values. None
+    # (unset): the base's value for every member. The members train the first network only.
+    c.sweep = ml_collections.ConfigDict({f: config_dict.placeholder(tuple) for f in SWEEP_FIELDS})
+
     c.train = t = ml_collections.ConfigDict()
     t.nonfinite = "stop"                  # "stop": halt naming the step; "skip": skip the update, count it
     t.keep_checkpoints = 2
     t.distributed = False                 # call jax.distributed.initialize() (multi-host)
     t.steps_per_call = 0                  # train steps unrolled in one jitted call; 0: 4 on CPU, else 1
+    t.sweep_impl = "auto"                 # how a sweep's members share the step: "vmap" (one step
+                                          # vmapped over them), "unroll" (each member's own step,
+                                          # side by side in the program: on a CPU, where XLA runs
+                                          # vmap's grouped convolutions slowly, bench "sweep");
+                                          # "auto": unroll on a CPU, vmap on GPU/TPU
     return c
+
+
+def sweep_configs(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+    """{"member_<k>": config} of a sweep, in order; {} without one (no ``config.sweep`` set).
+
+    Member k is ``config`` with ``loss.<field>`` = the k-th value of each set ``sweep.<field>``,
+    ``sweep`` unset and the refinement stage off (a sweep compares what the loss settings do to the
+    first network; ``config_check.validate`` checks the sweep and every member)."""
+    swept = {f: tuple(v) for f, v in (config.get("sweep") or {}).items() if v is not None}
+    size = max((len(v) for v in swept.values()), default=0)
+    members = {}
+    for k in range(size):
+        c = ml_collections.ConfigDict(config.to_dict())
+        for f in swept:
+            try:
+                c.loss[f] = swept[f][k]
+            except TypeError:
+                raise CowjaxError(f"config.sweep.{f}: {swept[f][k]!r} (member {k}) is not a "
+                                  f"{type(config.loss[f]).__name__}, as config.loss.{f} is")
+            c.sweep[f] = None
+        c.refine.num_train_steps = 0
+        members[f"member_{k}"] = c
+    return members
 
 
 def refine_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -143,6 +187,8 @@ def refine_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     c.loss.heatmap = "softmax_ce"
     c.loss.update(w_heatmap=1.0, weighting="fixed", **ABLATIONS["heatmap_only"])
     c.refine.num_train_steps = 0
+    for field in c.get("sweep") or {}:   # one refinement stage, whatever a sweep varies
+        c.sweep[field] = None
     return c
 
 

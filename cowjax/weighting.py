@@ -8,19 +8,26 @@
 - "gradnorm": GradNorm (Chen et al., ICML 2018): weights that balance the gradient norms of the
   weighted terms at the last shared layer, renormalised to sum K.
 
-A term whose config weight ``w_<term>`` is 0 is off under every strategy: weight exactly 0, left out
-of the sum (so even a NaN in it cannot leak in), and K counts the terms that are on. Under the
-dynamic strategies the nonzero config weights only switch terms on; their values are not used
-(each strategy starts where its paper does: s_i = 0, uniform weights 1).
+A term whose config weight ``w_<term>`` is 0 is off under every strategy: weight exactly 0, kept
+out of the sum by a select (so even a NaN in it cannot leak in), and K counts the terms that are on.
+Under the dynamic strategies the nonzero config weights only switch terms on; their values are not
+used (each strategy starts where its paper does: s_i = 0, uniform weights 1).
 
-Pure and jit-able; the config is static (read at trace time), the state is traced:
-  ``wstate = init(config)``: a dict of float32/int32 arrays (part of the train state, checkpointed);
-  ``total, weights = combine(config, wstate, terms)``: the weighted sum, in a differentiated loss;
-  ``total, grads, aux = loss_and_grads(config, wstate, terms_fn, params)``: or the sum and its
+Everything is data: a config's weighting is a dict of arrays (``settings(config)``: the weights,
+the strategy's index, its step sizes), and the state holds every strategy's fields, the strategy in
+use selecting what is read and updated. In a run the settings are constants of the jitted step
+(XLA folds the selection away); a vmapped sweep (``training/sweep.py``) stacks its members'
+settings and states on a leading axis and vmaps one step over them, whatever strategy each member
+uses. Pure and jit-able:
+  ``s = settings(config)``: {"w" [5], "strategy", "lr", "temperature", "window", "alpha"};
+  ``wstate = init(s)``: a dict of float32/int32 arrays (part of the train state, checkpointed);
+  ``total, weights = combine(s, wstate, terms)``: the weighted sum, in a differentiated loss;
+  ``total, grads, aux = loss_and_grads(s, wstate, terms_fn, params)``: or the sum and its
       gradient in one call, with the per-term gradient norms GradNorm needs;
-  ``wstate = update(config, wstate, terms, grad_norms)``: after the step (no gradient through it).
-Per-term vectors in the state are [5] float32 in ``TERMS`` order; entries of terms that are off
-stay at their initial value and are never read. ``wstate["count"]`` counts the updates.
+  ``wstate = update(s, wstate, terms, grad_norms)``: after the step (no gradient through it).
+Per-term vectors in the state are [5] float32 in ``TERMS`` order; entries of terms that are off,
+and the fields of the strategies not in use, stay at their initial values. ``wstate["count"]``
+counts the updates.
 
 Config (``config.loss``): ``weighting``; ``weighting_lr`` (the step size of the log-variances and of
 the GradNorm weights); ``dwa_temperature`` (T); ``dwa_window`` (steps averaged per DWA "epoch");
@@ -40,6 +47,7 @@ from cowjax.errors import CowjaxError
 # The loss terms (``losses.total_loss``'s keys); each has its config weight ``w_<term>``.
 TERMS = ("heatmap", "segmentation", "landmark_attr", "segment_attr", "consistency")
 STRATEGIES = ("fixed", "uncertainty", "dwa", "gradnorm")
+FIXED, UNCERTAINTY, DWA, GRADNORM = range(len(STRATEGIES))
 _EPS = 1e-12
 
 
@@ -72,16 +80,36 @@ def check_config(config) -> None:
             raise CowjaxError(f"config.loss.{field}={lc[field]} must be {must}")
 
 
-def _active(config) -> np.ndarray:
-    """[5] bool, static: which terms are on (config weight nonzero)."""
-    return np.array([config.loss[f"w_{t}"] != 0 for t in TERMS])
+def settings(config) -> dict:
+    """The config's weighting as numpy arrays: ``{"w": [5] float32 (the config weights, TERMS
+    order), "strategy": int32 (index into STRATEGIES), "lr", "temperature", "alpha": float32,
+    "window": int32}``. A setting the strategy does not use may be missing from the config (1)."""
+    lc = config.loss
+    get = lambda field: lc.get(field, 1)  # noqa: E731
+    return {"w": np.array([lc[f"w_{t}"] for t in TERMS], np.float32),
+            "strategy": np.int32(STRATEGIES.index(_strategy(config))),
+            "lr": np.float32(get("weighting_lr")),
+            "temperature": np.float32(get("dwa_temperature")),
+            "window": np.int32(get("dwa_window")), "alpha": np.float32(get("gradnorm_alpha"))}
+
+
+def uses_gradnorm(settings) -> bool:
+    """Whether some run of ``settings`` (numpy, as made by ``settings``, or stacked) uses
+    "gradnorm": known before tracing, it decides whether the per-term gradient norms are
+    computed."""
+    return bool(np.any(np.asarray(settings["strategy"]) == GRADNORM))
+
+
+def _active(settings):
+    """[5] bool: which terms are on (config weight nonzero)."""
+    return settings["w"] != 0
 
 
 def _vector(terms: dict, active) -> jnp.ndarray:
-    """{term: scalar} -> [5] float32 in TERMS order; 0 for terms that are off (whatever their value,
-    so the state holds no NaN from them)."""
-    return jnp.stack([jnp.asarray(terms[t], jnp.float32) if on else jnp.zeros((), jnp.float32)
-                      for t, on in zip(TERMS, active)])
+    """{term: scalar} -> [5] float32 in TERMS order; 0 for terms that are off or not computed
+    (whatever their value, so the state holds no NaN from them)."""
+    return jnp.stack([jnp.where(on, jnp.asarray(terms[t], jnp.float32), 0.0) if t in terms
+                      else jnp.zeros((), jnp.float32) for t, on in zip(TERMS, active)])
 
 
 def _normalise(w, active):
@@ -90,41 +118,35 @@ def _normalise(w, active):
     return w * (active.sum() / jnp.maximum(w.sum(), _EPS))
 
 
-def init(config) -> dict:
-    """The weighting state of ``config``'s strategy (shapes fixed by the strategy alone).
+def init(settings) -> dict:
+    """The weighting state: every strategy's fields (one structure for all, so a sweep's members
+    stack), shaped like ``settings`` (a leading member axis when they are stacked).
 
-    fixed:       {"count"}
-    uncertainty: {"count", "log_var" [5]}                   s_i = 0: weight 1
-    dwa:         {"count", "window_sum" [5], "last" [5], "before" [5]}
-    gradnorm:    {"count", "weights" [5], "initial" [5]}    weights 1 on active terms; L_i(0)
+    count:                           updates so far
+    log_var [5]:                     uncertainty's s_i = 0: weight 1
+    window_sum, last, before [5]:    dwa's loss history
+    weights, initial [5]:            gradnorm's weights (1 on active terms) and L_i(0)
     """
-    name = config.loss.weighting
     # A fresh array per entry: the train step donates the state, and one buffer donated twice
     # (the same zeros under two keys) crashes XLA.
-    zeros = lambda: jnp.zeros(len(TERMS), jnp.float32)  # noqa: E731
-    state = {"count": jnp.zeros((), jnp.int32)}
-    if name == "uncertainty":
-        state["log_var"] = zeros()
-    elif name == "dwa":
-        state.update(window_sum=zeros(), last=zeros(), before=zeros())
-    elif name == "gradnorm":
-        state.update(weights=jnp.asarray(_active(config), jnp.float32), initial=zeros())
-    return state
+    shape = np.shape(settings["w"])
+    zeros = lambda: jnp.zeros(shape, jnp.float32)  # noqa: E731
+    return {"count": jnp.zeros(shape[:-1], jnp.int32), "log_var": zeros(), "window_sum": zeros(),
+            "last": zeros(), "before": zeros(),
+            "weights": jnp.asarray(_active(settings), jnp.float32), "initial": zeros()}
 
 
-def weights(config, wstate) -> jnp.ndarray:
+def weights(settings, wstate) -> jnp.ndarray:
     """[5] float32: the weight of each term in ``combine`` now; exactly 0 for terms that are off."""
-    name, active = _strategy(config), _active(config)
-    if name == "fixed":
-        return jnp.asarray([config.loss[f"w_{t}"] for t in TERMS], jnp.float32)
-    if name == "uncertainty":
-        return jnp.where(active, jnp.exp(-wstate["log_var"]), 0.0)
-    if name == "dwa":
-        return _dwa_weights(config, wstate, active)
-    return jnp.where(active, wstate["weights"], 0.0)
+    active = _active(settings)
+    return jnp.select([settings["strategy"] == i for i in range(len(STRATEGIES))], [
+        jnp.asarray(settings["w"], jnp.float32),
+        jnp.where(active, jnp.exp(-wstate["log_var"]), 0.0),
+        _dwa_weights(settings, wstate, active),
+        jnp.where(active, wstate["weights"], 0.0)])
 
 
-def combine(config, wstate, terms: dict) -> tuple[jnp.ndarray, dict]:
+def combine(settings, wstate, terms: dict) -> tuple[jnp.ndarray, dict]:
     """The total loss and the effective weights, to use inside the differentiated loss.
 
     terms: {term: scalar} (``losses.total_loss``'s second output); terms that are off are ignored
@@ -134,39 +156,40 @@ def combine(config, wstate, terms: dict) -> tuple[jnp.ndarray, dict]:
     network's gradient the weights are constants; ``d total / d s_i = 1 - exp(-s_i) L_i`` is what
     ``update`` descends.
     """
-    active = _active(config)
-    w = weights(config, wstate)
+    active = _active(settings)
+    w = weights(settings, wstate)
     total = jnp.zeros((), jnp.float32)
     for i, t in enumerate(TERMS):
-        if active[i]:
-            total = total + w[i] * terms[t]
-    if _strategy(config) == "uncertainty":
-        total = total + jnp.sum(jnp.where(active, wstate["log_var"], 0.0))
+        if t in terms:
+            total = total + jnp.where(active[i], w[i] * terms[t], 0.0)
+    regulariser = jnp.sum(jnp.where(active, wstate["log_var"], 0.0))
+    total = total + jnp.where(settings["strategy"] == UNCERTAINTY, regulariser, 0.0)
     return total, {t: w[i] for i, t in enumerate(TERMS)}
 
 
-def update(config, wstate, terms: dict, grad_norms: dict | None = None) -> dict:
+def update(settings, wstate, terms: dict, grad_norms: dict | None = None) -> dict:
     """The state after a step whose unweighted terms were ``terms`` ({term: scalar}).
 
     grad_norms ({term: ||dL_i/dW||}, from ``loss_and_grads``) is needed by "gradnorm" only. Call it
     only for steps whose update is kept (a skipped non-finite step must not enter the history).
     """
-    name, active = _strategy(config), _active(config)
+    strategy, active = settings["strategy"], _active(settings)
+    if grad_norms is None and not isinstance(strategy, jax.Array) and strategy == GRADNORM:
+        raise CowjaxError("config.loss.weighting 'gradnorm': update needs grad_norms "
+                          "(from weighting.loss_and_grads)")
     loss = _vector(terms, active)
+    steps = {UNCERTAINTY: {"log_var": _uncertainty_step(settings, wstate["log_var"], loss, active)},
+             DWA: _dwa_history(settings, wstate, loss)}
+    if grad_norms is not None:
+        norms = _vector(grad_norms, active)
+        steps[GRADNORM] = _gradnorm_step(settings, wstate, loss, norms, active)
     new = {**wstate, "count": wstate["count"] + 1}
-    if name == "uncertainty":
-        new["log_var"] = _uncertainty_step(config, wstate["log_var"], loss, active)
-    elif name == "dwa":
-        new.update(_dwa_history(config, wstate, loss))
-    elif name == "gradnorm":
-        if grad_norms is None:
-            raise CowjaxError("config.loss.weighting 'gradnorm': update needs grad_norms "
-                              "(from weighting.loss_and_grads)")
-        new.update(_gradnorm_step(config, wstate, loss, _vector(grad_norms, active), active))
+    for index, fields in steps.items():     # each strategy's fields move only when it is in use
+        new.update({k: jnp.where(strategy == index, v, wstate[k]) for k, v in fields.items()})
     return new
 
 
-def _uncertainty_step(config, log_var, loss, active):
+def _uncertainty_step(settings, log_var, loss, active):
     """One gradient step on s of ``sum_i exp(-s_i) L_i + s_i``: s_i -= lr (1 - exp(-s_i) L_i).
 
     s has its own plain SGD step (rather than the network's Adam) with the closed-form gradient, so
@@ -175,14 +198,14 @@ def _uncertainty_step(config, log_var, loss, active):
     1 / lr steps, whatever the scale of L_i.
     """
     grad = 1.0 - jnp.exp(-log_var) * loss
-    return jnp.where(active, log_var - config.loss.weighting_lr * grad, log_var)
+    return jnp.where(active, log_var - settings["lr"] * grad, log_var)
 
 
-def _dwa_history(config, wstate, loss):
+def _dwa_history(settings, wstate, loss):
     """Loss averages over windows of ``dwa_window`` steps: "last" and "before" are the means of the
     last two complete windows (the paper's epochs; with a window of 1, the previous two steps).
     Averaging over a window keeps the ratio from following the noise of one small batch."""
-    window = config.loss.dwa_window
+    window = settings["window"]
     total = wstate["window_sum"] + loss
     closes = (wstate["count"] + 1) % window == 0
     return {"window_sum": jnp.where(closes, 0.0, total),
@@ -190,18 +213,18 @@ def _dwa_history(config, wstate, loss):
             "before": jnp.where(closes, wstate["last"], wstate["before"])}
 
 
-def _dwa_weights(config, wstate, active):
+def _dwa_weights(settings, wstate, active):
     """w_i = K softmax_i(r_i / T) over the active terms, r_i = L_i(t-1) / L_i(t-2) (window means);
     1 for every active term until two windows are complete. A term whose loss falls more slowly has
     a larger r_i and gains weight."""
     ratio = wstate["last"] / jnp.maximum(wstate["before"], _EPS)
-    logits = jnp.where(active, ratio / config.loss.dwa_temperature, -jnp.inf)
+    logits = jnp.where(active, ratio / settings["temperature"], -jnp.inf)
     dwa = active.sum() * jax.nn.softmax(logits)
-    ready = wstate["count"] >= 2 * config.loss.dwa_window
+    ready = wstate["count"] >= 2 * settings["window"]
     return jnp.where(ready, dwa, jnp.asarray(active, jnp.float32))
 
 
-def _gradnorm_step(config, wstate, loss, grad_norm, active):
+def _gradnorm_step(settings, wstate, loss, grad_norm, active):
     """One GradNorm step on the weights, then renormalisation to sum K.
 
     With G_i = ||dL_i/dW|| (W: the last shared layer) and G_W^(i) = w_i G_i, the paper's loss is
@@ -221,9 +244,9 @@ def _gradnorm_step(config, wstate, loss, grad_norm, active):
     rate = relative / jnp.maximum(mean(relative), _EPS)
     weighted = wstate["weights"] * grad_norm
     scale = jnp.maximum(mean(weighted), _EPS)
-    target = scale * rate ** config.loss.gradnorm_alpha
+    target = scale * rate ** settings["alpha"]
     step = jnp.sign(weighted - target) * weighted / scale
-    w = wstate["weights"] * jnp.exp(-config.loss.weighting_lr * step)
+    w = wstate["weights"] * jnp.exp(-settings["lr"] * step)
     return {"weights": _normalise(w, active), "initial": initial}
 
 
@@ -240,15 +263,16 @@ def shared_layer_path(config) -> tuple[str, ...]:
     return (block, "Conv3x3_1", "kernel")
 
 
-def loss_and_grads(config, wstate, terms_fn: Callable[[dict], dict], params: dict,
-                   path: tuple[str, ...] | None = None):
+def loss_and_grads(settings, wstate, terms_fn: Callable[[dict], dict], params: dict,
+                   path: tuple[str, ...] | None = None, grad_norms: bool | None = None):
     """The weighted loss and its gradient from one forward pass; with "gradnorm" also G_i.
 
-    terms_fn: params -> {term: scalar} (the model's forward pass and ``losses.total_loss``'s terms,
-    which holds the active terms only). Returns ``(total, grads, aux)``: grads like params (the
-    gradient of ``combine``'s total, the weights held constant), aux = {"terms", "weights",
-    "grad_norms"}, grad_norms = {term: ||dL_i/dW||_2} under "gradnorm" and None otherwise, W the
-    leaf of params at ``path`` (default ``shared_layer_path(config)``).
+    terms_fn: params -> {term: scalar} (the model's forward pass and ``losses.loss_terms``, which
+    holds the terms computed). Returns ``(total, grads, aux)``: grads like params (the gradient of
+    ``combine``'s total, the weights held constant), aux = {"terms", "weights", "grad_norms"},
+    grad_norms = {term: ||dL_i/dW||_2} when ``grad_norms`` (default ``uses_gradnorm(settings)``;
+    pass it where the settings are traced, as in a sweep) and None otherwise, W the leaf of params
+    at ``path`` (``shared_layer_path(config)``: needed with the norms).
 
     One ``jax.vjp`` serves both: the weighted gradient is its pullback of the weights, and the
     per-term gradients its pullbacks of one-hot cotangents (batched by vmap; only their W slice is
@@ -256,16 +280,21 @@ def loss_and_grads(config, wstate, terms_fn: Callable[[dict], dict], params: dic
     2 shared AMD EPYC cores (CowNet widths (4, 8) at 32x32x16 and (8, 16, 32) at 32^3, batch 2):
     with "fixed" as fast as today's ``jax.value_and_grad``; with "gradnorm" 1.5-1.9x that (a
     separate ``jax.jacrev`` of the terms in W, with its second forward pass: 1.8-2.2x).
+    A term is computed once per run (or sweep member) whatever the weights: a term off for this
+    run gets a zero cotangent, which keeps its value out but not a NaN its own backward pass makes.
     """
     terms, pullback = jax.vjp(terms_fn, params)
-    total, w = combine(config, wstate, terms)
+    total, w = combine(settings, wstate, terms)
     grads = pullback({t: w[t] for t in terms})[0]
     norms = None
-    if config.loss.weighting == "gradnorm":
+    if uses_gradnorm(settings) if grad_norms is None else grad_norms:
+        if path is None:
+            raise CowjaxError("weighting.loss_and_grads: the gradient norms need the shared "
+                              "layer's path (weighting.shared_layer_path(config))")
         names = list(terms)
         onehot = {t: jnp.asarray([float(t == u) for u in names], jnp.float32) for t in names}
         per_term = jax.vmap(pullback)(onehot)[0]
-        for key in path or shared_layer_path(config):
+        for key in path:
             per_term = per_term[key]                                   # [K, *W.shape]
         norms = {t: jnp.sqrt(jnp.sum(jnp.square(per_term[i]))) for i, t in enumerate(names)}
     return total, grads, {"terms": terms, "weights": w, "grad_norms": norms}

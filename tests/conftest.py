@@ -6,11 +6,13 @@ ones tested. Integration tests that train or predict with real models are marked
 them too; ``-m "not slow"`` skips them while iterating).
 """
 
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
@@ -150,3 +152,22 @@ def read_metrics(workdir, drop=("steps_per_s",)):
     lines = Path(workdir, "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in lines]
 
+
+
+@contextlib.contextmanager
+def compiled_once(cache_dir):
+    """JAX's on-disk compilation cache for the block, so runs of one program (the seeds of an
+    ablation arm, a sweep stopped and resumed, every run's validation) compile it once: eight
+    compilations of the train step take minutes on a busy 2-core CPU. Restored afterwards."""
+    from jax.experimental.compilation_cache import compilation_cache
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = [getattr(jax.config, n) for n in names]
+    for n, v in zip(names, (str(cache_dir), 0.0)):
+        jax.config.update(n, v)
+    compilation_cache.reset_cache()
+    try:
+        yield
+    finally:
+        for n, v in zip(names, before):
+            jax.config.update(n, v)
+        compilation_cache.reset_cache()

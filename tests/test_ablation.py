@@ -1,17 +1,16 @@
 """The ablation command: four arms x seeds trained and tested on the same cases, resumable; its
 paired statistics; its user errors (one line, exit status 2 from launch.py)."""
 
-import contextlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 from configs import test as test_config
+from conftest import compiled_once
 from cowjax import ablation, anatomy
 from cowjax.errors import CowjaxError
 from cowjax.training import checkpoint as ckpt
@@ -41,31 +40,12 @@ def _base(cases):
     return c
 
 
-@contextlib.contextmanager
-def _compiled_once(cache_dir):
-    """JAX's on-disk compilation cache for the block: the seeds of an arm, and every run's
-    validation, then compile their programs once (eight compilations of the train step take
-    minutes on a busy 2-core CPU). Restored afterwards."""
-    from jax.experimental.compilation_cache import compilation_cache
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    before = [getattr(jax.config, n) for n in names]
-    for n, v in zip(names, (str(cache_dir), 0.0)):
-        jax.config.update(n, v)
-    compilation_cache.reset_cache()
-    try:
-        yield
-    finally:
-        for n, v in zip(names, before):
-            jax.config.update(n, v)
-        compilation_cache.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def ablated(cases, tmp_path_factory):
     """Two seeds of the four arms, one training step each, evaluated on the one test case."""
     from cowjax.inference import evaluate
     root = tmp_path_factory.mktemp("ablation") / "runs"
-    with _compiled_once(tmp_path_factory.mktemp("jax_cache")), pytest.MonkeyPatch.context() as mp:
+    with compiled_once(tmp_path_factory.mktemp("jax_cache")), pytest.MonkeyPatch.context() as mp:
         mp.setattr(evaluate, "NUM_MIP_CASES", 0)          # no per-run pictures: time
         report = ablation.run_ablation(_base(cases), root, seeds=SEEDS,
                                        command="python launch.py test")
@@ -188,7 +168,11 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
     base.loss.w_consistency = 0.0                # an ablation variant as the base
     with pytest.raises(CowjaxError, match="w_consistency = 0"):
         ablation.run_ablation(base, tmp_path / "b", seeds=1)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    base = test_config.get_config()
+    base.sweep.weighting = ("fixed", "dwa")      # a sweep as the base
+    with pytest.raises(CowjaxError, match="the base config has a sweep"):
+        ablation.run_ablation(base, tmp_path / "c", seeds=1)
+    assert not any((tmp_path / n).exists() for n in "abc")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from absl import flags
 
 from cowjax import config_check
 from cowjax.errors import CowjaxError

@@ -30,9 +30,10 @@ def falling_terms(step, rates=(0.9, 0.8, 0.7, 0.95, 0.85), start=(1.0, 0.8, 0.7,
 
 def simulate(config, terms_at, steps, grad_norms_at=None):
     """Run combine + update under jit; [(total, {term: weight})] per step, and the last state."""
-    combine = jax.jit(lambda w, terms: weighting.combine(config, w, terms))
-    update = jax.jit(lambda w, terms, norms: weighting.update(config, w, terms, norms))
-    wstate, history = weighting.init(config), []
+    s = weighting.settings(config)
+    combine = jax.jit(lambda w, terms: weighting.combine(s, w, terms))
+    update = jax.jit(lambda w, terms, norms: weighting.update(s, w, terms, norms))
+    wstate, history = weighting.init(s), []
     for step in range(steps):
         terms = terms_at(step)
         history.append(jax.device_get(combine(wstate, terms)))
@@ -77,7 +78,8 @@ def test_fixed_equals_todays_linear_combination():
                          w_segment_attr=0.0, w_consistency=0.3)
     outputs, batch = outputs_and_batch(config)
     today, terms = losses.total_loss(outputs, batch, config)
-    total, w = jax.jit(lambda t: weighting.combine(config, weighting.init(config), t))(terms)
+    s = weighting.settings(config)
+    total, w = jax.jit(lambda t: weighting.combine(s, weighting.init(s), t))(terms)
     np.testing.assert_allclose(total, today, rtol=1e-7)
     assert {t: float(v) for t, v in w.items()} == pytest.approx(
         {"heatmap": 1.0, "segmentation": 0.5, "landmark_attr": 2.0, "segment_attr": 0.0,
@@ -126,10 +128,11 @@ def test_uncertainty_gradient_in_s_has_the_closed_form_and_s_settles_at_log_loss
     s = jnp.asarray([0.3, -0.5, 1.0, 0.0, 0.7])
     terms = falling_terms(0)
     loss = np.array([float(terms[t]) for t in TERMS])
-    wstate = {**weighting.init(config), "log_var": s}
-    grad = jax.grad(lambda v: weighting.combine(config, {**wstate, "log_var": v}, terms)[0])(s)
+    settings = weighting.settings(config)
+    wstate = {**weighting.init(settings), "log_var": s}
+    grad = jax.grad(lambda v: weighting.combine(settings, {**wstate, "log_var": v}, terms)[0])(s)
     np.testing.assert_allclose(grad, np.where(active, 1 - np.exp(-s) * loss, 0.0), rtol=1e-6)
-    total, w = weighting.combine(config, wstate, terms)
+    total, w = weighting.combine(settings, wstate, terms)
     np.testing.assert_allclose(total, np.sum(np.where(active, np.exp(-s) * loss + s, 0.0)),
                                rtol=1e-6)
     # Constant losses: s_i -> log L_i, the weight exp(-s_i) -> 1 / L_i.
@@ -166,8 +169,9 @@ def test_gradnorm_moves_the_weighted_gradient_norms_to_the_paper_target(rate_b, 
     config = make_config("gradnorm", w_landmark_attr=0.0, w_segment_attr=0.0, w_consistency=0.0)
     params, terms_fn = toy_problem(40.0)
     path = ("shared", "kernel")
-    wstate = weighting.init(config)
-    step = jax.jit(lambda p: weighting.loss_and_grads(config, wstate, terms_fn, p, path))
+    s = weighting.settings(config)
+    wstate = weighting.init(s)
+    step = jax.jit(lambda p: weighting.loss_and_grads(s, wstate, terms_fn, p, path))
     _, _, aux = step(params)
     norms = aux["grad_norms"]
     # Against the plain gradient of each term alone.
@@ -193,10 +197,11 @@ def test_loss_and_grads_is_the_gradient_of_the_combined_loss(strategy):
     params, terms_fn = toy_problem(5.0)
     path = ("shared", "kernel")
     _, wstate = simulate(config, falling_terms, 3, synthetic_grad_norms)
+    s = weighting.settings(config)
     total, grads, aux = jax.jit(
-        lambda p: weighting.loss_and_grads(config, wstate, terms_fn, p, path))(params)
+        lambda p: weighting.loss_and_grads(s, wstate, terms_fn, p, path))(params)
     want_total, want_grads = jax.value_and_grad(
-        lambda p: weighting.combine(config, wstate, terms_fn(p))[0])(params)
+        lambda p: weighting.combine(s, wstate, terms_fn(p))[0])(params)
     np.testing.assert_allclose(total, want_total, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  grads, want_grads)
@@ -228,7 +233,8 @@ def test_state_round_trips_through_pytrees_and_orbax(strategy, tmp_path):
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(tmp_path / "weighting", wstate)
         checkpointer.wait_until_finished()
-        abstract = jax.eval_shape(lambda: weighting.init(config))
+        s = weighting.settings(config)
+        abstract = jax.eval_shape(lambda: weighting.init(s))
         restored = checkpointer.restore(tmp_path / "weighting", abstract)
     assert jax.tree.structure(restored) == jax.tree.structure(wstate)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(wstate)):
@@ -236,25 +242,24 @@ def test_state_round_trips_through_pytrees_and_orbax(strategy, tmp_path):
         np.testing.assert_array_equal(a, b)
     # The next step from the restored state is the same.
     terms = falling_terms(3)
-    np.testing.assert_array_equal(weighting.combine(config, restored, terms)[0],
-                                  weighting.combine(config, wstate, terms)[0])
+    np.testing.assert_array_equal(weighting.combine(s, restored, terms)[0],
+                                  weighting.combine(s, wstate, terms)[0])
 
 
 def test_jit_gives_the_eager_result():
     for strategy in weighting.STRATEGIES:
         config = make_config(strategy)
-        eager = weighting.init(config)
+        s = weighting.settings(config)
+        eager = weighting.init(s)
         for step in range(3):
-            eager = weighting.update(config, eager, falling_terms(step), synthetic_grad_norms(step))
+            eager = weighting.update(s, eager, falling_terms(step), synthetic_grad_norms(step))
         _, jitted = simulate(config, falling_terms, 3, synthetic_grad_norms)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), eager, jitted)
 
 
 def test_bad_settings_are_one_line_errors():
     config = make_config("softmax_weighting")
-    for call in (lambda: config_check.validate(config),
-                 lambda: weighting.combine(config, {}, falling_terms(0)),
-                 lambda: weighting.update(config, {}, falling_terms(0))):
+    for call in (lambda: config_check.validate(config), lambda: weighting.settings(config)):
         with pytest.raises(CowjaxError, match="loss.weighting: unknown 'softmax_weighting'") as e:
             call()
         assert "\n" not in str(e.value)
@@ -262,9 +267,9 @@ def test_bad_settings_are_one_line_errors():
         config_check.validate(make_config("dwa", dwa_temperature=0.0))
     with pytest.raises(CowjaxError, match="dwa_window=0 must be a whole number of steps"):
         config_check.validate(make_config("dwa", dwa_window=0))
-    config = make_config("gradnorm")
+    s = weighting.settings(make_config("gradnorm"))
     with pytest.raises(CowjaxError, match="needs grad_norms"):
-        weighting.update(config, weighting.init(config), falling_terms(0))
+        weighting.update(s, weighting.init(s), falling_terms(0))
 
 
 def cownet_config(heatmap_stride, segmentation_stride, widths):
@@ -304,8 +309,43 @@ def test_every_term_has_a_gradient_at_cownets_shared_layer():
     batch = make_batch(config, r)
     terms_fn = lambda p: losses.total_loss(model.apply({"params": p}, batch["image"]),  # noqa: E731
                                            batch, config)[1]
-    wstate = weighting.init(config)
-    _, _, aux = jax.jit(lambda p: weighting.loss_and_grads(config, wstate, terms_fn, p))(params)
+    s = weighting.settings(config)
+    path = weighting.shared_layer_path(config)
+    _, _, aux = jax.jit(lambda p: weighting.loss_and_grads(s, weighting.init(s), terms_fn, p,
+                                                           path))(params)
     norms = aux["grad_norms"]
     assert set(norms) == set(TERMS)
     assert all(np.isfinite(v) and v > 0 for v in norms.values()), norms
+
+
+def test_stacked_settings_of_mixed_strategies_give_each_ones_own_weights():
+    """A sweep vmaps combine and update over stacked settings: each member, whatever its strategy
+    and with a term off (NaN there), gets the weights and state of its own run."""
+    from cowjax.training import sweep
+    configs = [make_config(s, w_segment_attr=w)
+               for s, w in zip(weighting.STRATEGIES, (0.0, 1.0, 0.0, 1.0))]
+    stacked = sweep.stack([weighting.settings(c) for c in configs], np)
+
+    def terms_at(step, on=True):
+        return {**falling_terms(step), "segment_attr": jnp.where(on, falling_terms(step)[
+            "segment_attr"], jnp.float32(np.nan))}
+
+    def member(s):
+        wstate, history = weighting.init(s), []
+        for step in range(5):
+            terms = terms_at(step, s["w"][TERMS.index("segment_attr")] != 0)
+            history.append(weighting.combine(s, wstate, terms))
+            wstate = weighting.update(s, wstate, terms, synthetic_grad_norms(step))
+        return history, wstate
+
+    history, wstate = jax.jit(jax.vmap(member))(stacked)
+    for k, config in enumerate(configs):
+        on = bool(config.loss.w_segment_attr)
+        want, want_state = simulate(config, lambda step: terms_at(step, on), 5,
+                                    synthetic_grad_norms)
+        for (total, w), (want_total, want_w) in zip(history, want):
+            np.testing.assert_allclose(total[k], want_total, rtol=1e-6)
+            for t in TERMS:
+                np.testing.assert_allclose(w[t][k], want_w[t], rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[k], b, rtol=1e-6), wstate,
+                     want_state)

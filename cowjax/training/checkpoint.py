@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from cowjax import anatomy
 from cowjax.errors import CowjaxError
+from cowjax.training import sweep
 
 LATEST, BEST = "checkpoints", "best"
 REFINE_DIR = "refine"  # the refinement stage's run, inside the first stage's workdir
@@ -115,9 +116,14 @@ class Checkpoints:
                 weighting=ocp.args.StandardSave(state["weighting"]),
                 meta=ocp.args.JsonSave(meta)))
 
-    def restore_latest(self, abstract_state):
-        """(state, meta) from the latest checkpoint; abstract_state carries target shardings."""
-        step = self.latest.latest_step()
+    def steps(self) -> list[int]:
+        """The steps of the latest checkpoints kept."""
+        return list(self.latest.all_steps())
+
+    def restore_latest(self, abstract_state, step: int | None = None):
+        """(state, meta) from the latest checkpoint, or the one of ``step``; abstract_state
+        carries target shardings."""
+        step = self.latest.latest_step() if step is None else step
         meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         check_compatible(self.dir / LATEST, step, meta,
                          self.latest.item_metadata(step)["params"], abstract_state["params"])
@@ -162,6 +168,9 @@ def load_for_inference(workdir):
     from cowjax.model import unet
     from cowjax.training import state as state_lib
     found = _inference_checkpoint(workdir)
+    if found is None and sweep.is_sweep_dir(workdir):
+        raise CowjaxError(f"{workdir}: a sweep; its members are the runs ({workdir}/member_<k>), "
+                          f"and --mode=eval on {workdir} compares them")
     if found is None:
         raise CowjaxError(f"{workdir}: no checkpoint found (train a run there first)")
     directory, mgr, step = found

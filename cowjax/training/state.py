@@ -3,7 +3,8 @@
 State: ``{"step": int32 [], "params": pytree, "opt_state": pytree, "nonfinite": int32 [],
 "weighting": dict}``; ``nonfinite`` counts the updates skipped because the loss or a gradient was
 not finite; ``weighting`` is what the loss weighting strategy learns or tracks
-(``weighting.init``).
+(``weighting.init``). A sweep's state is its members' stacked on a leading axis
+(``sweep.stack``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import jax.numpy as jnp
 import optax
 
 from cowjax import weighting
-
 
 
 def learning_rate_schedule(config):
@@ -44,7 +44,8 @@ def init_params(model, config):
 
 def create_state(params, tx, config) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-            "nonfinite": jnp.zeros((), jnp.int32), "weighting": weighting.init(config)}
+            "nonfinite": jnp.zeros((), jnp.int32),
+            "weighting": weighting.init(weighting.settings(config))}
 
 
 def abstract_state(model, config, tx) -> dict:

@@ -10,7 +10,8 @@ same command continues where the last checkpoint was and ends with the same numb
 
 Workdir: ``config.json`` (the resolved config and seed), ``metrics.jsonl`` (train metrics every
 ``log_every_steps``, validation every ``eval_every_steps``), ``checkpoints/``, ``best/``, and the same
-for the refinement stage (``config.refine``) under ``refine/``.
+for the refinement stage (``config.refine``) under ``refine/``. A sweep (``config.sweep``,
+``sweep.py``) trains its members as one program, each an ordinary run workdir ``member_<k>/``.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from cowjax import config_check, devices, heatmaps, losses, weighting
 from cowjax.errors import CowjaxError, atomic_output
 from cowjax.training import checkpoint as ckpt
 from cowjax.training import state as state_lib
+from cowjax.training import sweep
 
 
-def make_train_step(model, config, tx, loss_fn=None):
+def make_train_step(model, config, tx, loss_fn=None, members=None):
     """The pure train step ``(state, batch) -> (state, metrics)``.
 
     The loss terms (``losses.loss_terms``) are combined by ``config.loss.weighting``
@@ -47,8 +49,44 @@ def make_train_step(model, config, tx, loss_fn=None):
     A non-finite loss or gradient leaves params and optimizer state unchanged (counted in
     ``state["nonfinite"]`` and metrics["skipped"]; metrics["finite"] tells the host, which stops or
     goes on according to ``config.train.nonfinite``). No randomness: the step is a deterministic function of its inputs.
+
+    members: a sweep's member configs (``config_defaults.sweep_configs`` of ``config``): the step
+    then trains them all on each batch, from a state stacked on a leading member axis
+    (``sweep.stack``), every metric with that axis too; member k's part is the step of a run with
+    its config. How, ``config.train.sweep_impl`` says (``sweep.impl``): "vmap", one step
+    ``jax.vmap``ped over the members, their loss settings traced arrays (``weighting.settings``),
+    every term computed that some member has on (a member with it off gets none of it); or
+    "unroll", each member's own step side by side in the program.
     """
-    def gradients(state, batch):
+    if members is None:
+        settings = weighting.settings(config)
+        step = _settings_step(model, config, tx, loss_fn, weighting.uses_gradnorm(settings))
+        return lambda state, batch: step(state, batch, settings)
+    if sweep.impl(config) == "unroll":
+        steps = [make_train_step(model, m, tx, loss_fn) for m in members]
+
+        def unrolled(state, batch):
+            done = [step(sweep.unstack(state, k), batch) for k, step in enumerate(steps)]
+            # A term a member does not compute is logged by none (run_training drops it): 0 here.
+            names = set().union(*(metrics for _, metrics in done))
+            return sweep.stack([(s, {n: m.get(n, jnp.zeros((), jnp.float32)) for n in names})
+                                for s, m in done])
+        return unrolled
+    settings = sweep.stack([weighting.settings(m) for m in members], np)
+    # losses.loss_terms computes the terms with a nonzero weight: every term a member has on.
+    config = config.copy_and_resolve_references()
+    for t in weighting.TERMS:
+        config.loss[f"w_{t}"] = max(m.loss[f"w_{t}"] for m in members)
+    step = _settings_step(model, config, tx, loss_fn, weighting.uses_gradnorm(settings))
+    return lambda state, batch: jax.vmap(step, in_axes=(0, None, 0))(state, batch, settings)
+
+
+def _settings_step(model, config, tx, loss_fn, grad_norms: bool):
+    """``make_train_step``'s step with the weighting settings an argument: ``(state, batch,
+    settings) -> (state, metrics)``. grad_norms (static): compute GradNorm's G_i."""
+    path = weighting.shared_layer_path(config) if grad_norms else None
+
+    def gradients(state, batch, settings):
         """(loss, grads, terms, the weighting state after this step, {weight_<term>: w})"""
         if loss_fn is not None:
             objective = lambda p: loss_fn(model.apply({"params": p}, batch["image"]), batch, config)
@@ -56,14 +94,14 @@ def make_train_step(model, config, tx, loss_fn=None):
             return loss, grads, terms, state["weighting"], {}
         terms_fn = lambda p: losses.loss_terms(model.apply({"params": p}, batch["image"]), batch,
                                                config)
-        loss, grads, aux = weighting.loss_and_grads(config, state["weighting"], terms_fn,
-                                                    state["params"])
-        wstate = weighting.update(config, state["weighting"], aux["terms"], aux["grad_norms"])
+        loss, grads, aux = weighting.loss_and_grads(settings, state["weighting"], terms_fn,
+                                                    state["params"], path, grad_norms)
+        wstate = weighting.update(settings, state["weighting"], aux["terms"], aux["grad_norms"])
         shown = {f"weight_{t}": w for t, w in aux["weights"].items() if t in aux["terms"]}
         return loss, grads, aux["terms"], wstate, shown
 
-    def step(state, batch):
-        loss, grads, terms, wstate, shown = gradients(state, batch)
+    def step(state, batch, settings):
+        loss, grads, terms, wstate, shown = gradients(state, batch, settings)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -209,37 +247,56 @@ def save_config(config, workdir: Path) -> None:
             tmp.write_text(json.dumps(ckpt.config_to_dict(config), indent=2) + "\n", encoding="utf-8")
 
 
-def run_training(config, workdir, model, train_iter, val_examples, desc: str = "train") -> dict:
+def run_training(config, workdir, model, train_iter, val_examples, desc: str = "train",
+                 members: dict | None = None) -> dict:
     """Train ``model`` on batches from ``train_iter``, resuming from the workdir's checkpoint.
 
     train_iter: an iterator of batch dicts (this process's share) with get_state()/set_state().
     val_examples: a re-iterable of validation examples (see ``validation_mre``).
     desc: the progress bar's label.
-    Returns the last train metrics and validation MRE as a dict of floats.
+    members: a sweep's ``{name: (config, workdir)}`` (``sweep.py``; ``config`` is then the sweep's
+    and ``workdir`` its root): trained together from one stacked state (``make_train_step``), each
+    checkpointed, logged, validated and drawn in its own workdir as a run is; resumed from the
+    latest step all of them saved.
+    Returns the last train metrics and validation MRE as a dict of floats; a sweep's, one such dict
+    per member.
     """
     workdir = Path(workdir)
     config_check.validate(config)
+    runs = {workdir.name: (config, workdir)} if members is None else dict(members)
+    # A sweep's state and metrics have a leading member axis; a run's are its own.
+    take = (lambda tree, k: tree) if members is None else sweep.unstack
     mesh = make_mesh(config.batch_size)
     replicated = devices.replicated(mesh)
     tx = state_lib.make_optimizer(config)
-    checkpoints = ckpt.Checkpoints(workdir, config.train.keep_checkpoints)
-    if checkpoints.latest_step() is not None:
+    checkpoints = {n: ckpt.Checkpoints(d, c.train.keep_checkpoints) for n, (c, d) in runs.items()}
+    common = set.intersection(*(set(c.steps()) for c in checkpoints.values()))
+    if common:
         abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                                 state_lib.abstract_state(model, config, tx))
-        state, meta = checkpoints.restore_latest(abstract)
-        ckpt.set_iterator_state(train_iter, meta["iterator"])
+        restored = [c.restore_latest(abstract, max(common)) for c in checkpoints.values()]
+        states = [state for state, _ in restored]
+        ckpt.set_iterator_state(train_iter, restored[0][1]["iterator"])
     else:
-        state = state_lib.create_state(state_lib.init_params(model, config), tx, config)
-    state = jax.device_put(state, replicated)
-    start = int(state["step"])
-    metrics_log = _Metrics(workdir / "metrics.jsonl", start)
-    train_step = compile_train_step(make_train_step(model, config, tx), mesh)
+        params = state_lib.init_params(model, config)
+        states = [state_lib.create_state(params, tx, c) for c, _ in runs.values()]
+    state = jax.device_put(states[0] if members is None else sweep.stack(states), replicated)
+    start = int(take(state, 0)["step"])
+    logs = {n: _Metrics(d / "metrics.jsonl", start) for n, (_, d) in runs.items()}
+    # What a member does not train is not in its log (a run would not compute it).
+    off = {n: {k for t in weighting.TERMS if not c.loss[f"w_{t}"] for k in (t, f"weight_{t}")}
+           for n, (c, _) in runs.items()}
+    step_fn = make_train_step(model, config, tx,
+                              members=None if members is None else [c for c, _ in runs.values()])
+    train_step = compile_train_step(step_fn, mesh)
     eval_fn = make_eval_fn(model, config)
 
-    def save(step, position, mre, latest):
-        meta = {"step": step, "nonfinite": int(state["nonfinite"]), "seed": config.seed,
-                "iterator": position, "config": ckpt.config_to_dict(config)}
-        checkpoints.save(state, meta, best_metric=mre, latest=latest)
+    def save(step, position, mres, latest):
+        for k, (name, (c, _)) in enumerate(runs.items()):
+            member = take(state, k)
+            meta = {"step": step, "nonfinite": int(member["nonfinite"]), "seed": c.seed,
+                    "iterator": position, "config": ckpt.config_to_dict(c)}
+            checkpoints[name].save(member, meta, best_metric=mres[name], latest=latest)
 
     per_call = devices.steps_per_call(config.train.steps_per_call)
 
@@ -251,7 +308,7 @@ def run_training(config, workdir, model, train_iter, val_examples, desc: str = "
                  for every in (config.eval_every_steps, config.checkpoint_every_steps)]
         return min(ends)
 
-    summary = {}
+    summaries = {n: {} for n in runs}
     batches = _prefetched(train_iter, mesh)
     pending = collections.deque()        # (iterator position before the batch, device batch)
 
@@ -277,47 +334,57 @@ def run_training(config, workdir, model, train_iter, val_examples, desc: str = "
                     fetch(call_end(end) - end)
                 position = pending[0][0] if pending else ckpt.iterator_state(train_iter)
                 history = jax.device_get(history)
+                shown = {}
                 for i, at in enumerate(range(step + 1, end + 1)):
-                    metrics = {k: v[i] for k, v in history.items()}
-                    if not metrics["finite"]:
-                        if config.train.nonfinite == "stop":
-                            raise CowjaxError(
-                                f"step {at}: the loss or a gradient is not finite (loss="
-                                f"{float(metrics['loss'])}); stopped, keeping the last good "
-                                f"checkpoint (step {checkpoints.latest_step() or 'none yet'}) in "
-                                f"{workdir}")
-                        bar.write(f"step {at}: non-finite loss or gradient, update skipped")
-                    record = {k: float(v) for k, v in metrics.items()
-                              if k not in ("finite", "skipped")}
-                    summary.update(record)
-                    if at % config.log_every_steps == 0 or at == config.num_train_steps:
-                        metrics_log.write({"step": at, "split": "train", **record,
-                                           "skipped": int(metrics["skipped"]),
-                                           "steps_per_s": (at - start) / (time.perf_counter() - t0)})
-                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()}, refresh=False)
+                    for k, name in enumerate(runs):
+                        metrics = take({key: v[i] for key, v in history.items()}, k)
+                        who = f"{name}, " if members is not None else ""
+                        if not metrics["finite"]:
+                            if config.train.nonfinite == "stop":
+                                latest = checkpoints[name].latest_step()
+                                raise CowjaxError(
+                                    f"{who}step {at}: the loss or a gradient is not finite (loss="
+                                    f"{float(metrics['loss'])}); stopped, keeping the last good "
+                                    f"checkpoint (step {latest or 'none yet'}) in "
+                                    f"{runs[name][1]}")
+                            bar.write(f"{who}step {at}: non-finite loss or gradient, update skipped")
+                        record = {key: float(v) for key, v in metrics.items()
+                                  if key not in ("finite", "skipped") and key not in off[name]}
+                        summaries[name].update(record)
+                        if at % config.log_every_steps == 0 or at == config.num_train_steps:
+                            logs[name].write({"step": at, "split": "train", **record,
+                                              "skipped": int(metrics["skipped"]),
+                                              "steps_per_s": (at - start) / (time.perf_counter() - t0)})
+                        shown = record if members is None else {**shown, name: record["loss"]}
+                bar.set_postfix({key: f"{v:.4g}" for key, v in shown.items()}, refresh=False)
                 bar.update(end - step)
                 step = end
-                mre = None
+                mres = dict.fromkeys(runs)
                 if step % config.eval_every_steps == 0 or last:
-                    mre = validation_mre(eval_fn, state["params"], val_examples, config.data.spacing,
-                                          mesh)
-                    summary["val_mre_mm"] = mre
-                    metrics_log.write({"step": step, "split": "val", "mre_mm": mre})
-                    bar.write(f"step {step}: validation MRE {mre:.3f} mm")
-                mre = mre if mre is not None and np.isfinite(mre) else None
+                    for k, name in enumerate(runs):
+                        mre = validation_mre(eval_fn, take(state, k)["params"], val_examples,
+                                             config.data.spacing, mesh)
+                        summaries[name]["val_mre_mm"] = mre
+                        logs[name].write({"step": step, "split": "val", "mre_mm": mre})
+                        mres[name] = mre if np.isfinite(mre) else None
+                    text = ", ".join(f"{summaries[n]['val_mre_mm']:.3f} mm"
+                                     + (f" ({n})" if members is not None else "") for n in runs)
+                    bar.write(f"step {step}: validation MRE {text}")
                 latest = step % config.checkpoint_every_steps == 0 or last or sigterm.received
-                if latest or mre is not None:
-                    save(step, position, mre, latest)
+                if latest or any(m is not None for m in mres.values()):
+                    save(step, position, mres, latest)
                 if sigterm.received and not last:
                     raise CowjaxError(f"SIGTERM at step {step}: checkpoint saved in {workdir}; "
                                       "run the same command again to resume")
     finally:
         bar.close()
-        checkpoints.close()
+        for c in checkpoints.values():
+            c.close()
     if jax.process_index() == 0:
         from cowjax import figures  # matplotlib, only once a run is done
-        figures.training_curves(workdir / "curves.png", metrics_log.records())
-    return summary
+        for name, log in logs.items():
+            figures.training_curves(runs[name][1] / "curves.png", log.records())
+    return summaries[workdir.name] if members is None else summaries
 
 
 def resolve_config(config, workdir, splits: dict):
@@ -338,15 +405,29 @@ def resolve_config(config, workdir, splits: dict):
 def train_and_evaluate(config, workdir) -> dict:
     """Prepare the data, build the model, train (resuming if the workdir has a checkpoint); then,
     with ``config.refine.num_train_steps``, the refinement stage in ``<workdir>/refine`` on the same
-    split. Returns the first stage's summary, with the refinement's under "refine"."""
-    from cowjax.config_defaults import refine_config
+    split. Returns the first stage's summary, with the refinement's under "refine".
+
+    With ``config.sweep`` set, the sweep's members are trained together instead (``sweep.py``),
+    each in ``<workdir>/member_<k>``, the first network only; returns {member: summary}."""
+    from cowjax.config_defaults import refine_config, sweep_configs
     from cowjax.data import pipeline
     if config.train.distributed:
         jax.distributed.initialize()
     config_check.validate(config)   # before any data is made or written
     workdir = Path(workdir)
+    if sweep.is_sweep_dir(workdir) and not sweep.is_sweep(config):
+        raise CowjaxError(f"{workdir} holds a sweep ({sweep.RECORD}); train a run in another "
+                          f"--workdir, or this sweep with its config.sweep")
     splits = pipeline.prepare_data(config, workdir)
     config = resolve_config(config, workdir, splits)
+    if sweep.is_sweep(config):
+        members = sweep_configs(config)
+        dirs = sweep.prepare(workdir, config, members)
+        if config.refine.num_train_steps > 0 and jax.process_index() == 0:
+            print(f"sweep of {len(members)}: the members train the first network only "
+                  f"(config.refine.num_train_steps={config.refine.num_train_steps} unused)")
+        return _train_stage(config, workdir, workdir, splits, "sweep",
+                            {n: (c, dirs[n]) for n, c in members.items()})
     summary = _train_stage(config, workdir, workdir, splits, "train")
     if config.refine.num_train_steps > 0:
         summary["refine"] = _train_stage(refine_config(config), workdir / ckpt.REFINE_DIR, workdir,
@@ -354,16 +435,18 @@ def train_and_evaluate(config, workdir) -> dict:
     return summary
 
 
-def _train_stage(config, stage_dir: Path, workdir: Path, splits: dict, desc: str) -> dict:
+def _train_stage(config, stage_dir: Path, workdir: Path, splits: dict, desc: str,
+                 members: dict | None = None) -> dict:
     from cowjax.data import pipeline
     from cowjax.model import unet
     from cowjax.registration import intensity
     stage_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, stage_dir)
+    for c, d in (members or {stage_dir.name: (config, stage_dir)}).values():
+        save_config(c, d)
     # Preprocessed cases are keyed by case path and spacing, so runs side by side share the cache.
     cache_dir = workdir.resolve().parent / "cache"
     to_template = intensity.template_registration(config.data)   # None without registration
     train_iter = pipeline.train_loader(config, splits["train"], cache_dir, to_template)
     val_examples = pipeline.eval_examples(config, splits["val"], cache_dir, to_template)
     return run_training(config, stage_dir, unet.build_model(config), train_iter, val_examples,
-                        desc)
+                        desc, members)
