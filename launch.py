@@ -43,6 +43,11 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "eval, ablate: cases with grou
                                 "(default: the run's own test split).")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "ablate: seeds per arm (at least 1).")
 _SAVE_SEG = flags.DEFINE_bool("save_segmentation", False, "predict: also write segment labels.")
+_EVAL = flags.DEFINE_bool("eval", True, "train: evaluate the best checkpoints on the test split "
+                          "after training (--noeval: stop after training).")
+_WINDOWS = flags.DEFINE_integer("windows_per_call", 0, "predict, eval: inference windows per "
+                                "network call (0: one per CPU device, 8 on an accelerator; more "
+                                "is faster on a large accelerator, less needs less memory).")
 _DECODE = flags.DEFINE_enum("decode", "quadratic", ["quadratic", "argmax", "soft"],
                             "predict, eval: how heatmaps are read ('argmax': as the paper; "
                             "'quadratic': argmax and a sub-voxel fit).")
@@ -71,7 +76,8 @@ def _run() -> None:
             raise _usage("--mode=train needs --config and --workdir")
         from cowjax.training import train
         train.train_and_evaluate(config, workdir)
-        _evaluate([workdir], data_dir=None)
+        if _EVAL.value:
+            _evaluate([workdir], data_dir=None)
     elif mode == "eval":
         if workdir is None:
             raise _usage("--mode=eval needs --workdir")
@@ -115,6 +121,10 @@ def _evaluate(workdirs, data_dir) -> None:
 
 
 def _inference_flags() -> dict:
+    if _WINDOWS.value < 0:
+        raise _usage(f"--windows_per_call={_WINDOWS.value} must be 0 (default) or positive")
+    from cowjax import devices
+    devices.WINDOWS_PER_CALL = _WINDOWS.value
     return {"tta": _TTA.value == "default", "decode_method": _DECODE.value,
             "refine": _REFINE.value}
 

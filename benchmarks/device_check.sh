@@ -49,8 +49,10 @@ if [[ -n "$need" ]]; then
         || "$py" -m pip install -q $need \
         || echo "could not install: $need"
 fi
-if ! "$py" -c "import jax, sys; sys.exit(jax.default_backend() == 'cpu')" 2>/dev/null; then
-    echo "JAX sees no accelerator: installing the plugin (requirements-gpu.txt)"
+# The plugin only where there is an NVIDIA GPU that JAX does not see yet.
+if nvidia-smi -L >/dev/null 2>&1 \
+        && ! "$py" -c "import jax, sys; sys.exit(jax.default_backend() == 'cpu')" 2>/dev/null; then
+    echo "an NVIDIA GPU that JAX does not see: installing the plugin (requirements-gpu.txt)"
     "$py" -m pip install -q -r requirements-gpu.txt || echo "could not install the plugin"
 fi
 "$py" -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|jax-cuda[0-9]+-(plugin|pjrt)|flax|optax|orbax-checkpoint|grain|numpy) '

@@ -34,6 +34,24 @@ from cowjax.errors import CowjaxError
 from cowjax.model import unet
 
 PARTS = ("model", "step", "step_mse", "sweep", "inference", "pipeline", "synthetic", "memory")
+# Dense peak FLOP/s by device kind and compute dtype (vendor datasheets; float32 is the plain,
+# non-tensor-core rate that "highest" matmul precision runs at), for the fraction of peak.
+PEAK_FLOPS = {"NVIDIA H200": {"float32": 67e12, "bfloat16": 989e12},
+              "NVIDIA H100 80GB HBM3": {"float32": 67e12, "bfloat16": 989e12},
+              "NVIDIA A100-SXM4-80GB": {"float32": 19.5e12, "bfloat16": 312e12}}
+
+
+def _fraction_of_peak(flops_per_s, dtype: str):
+    peak = PEAK_FLOPS.get(jax.devices()[0].device_kind, {}).get(dtype)
+    return round(flops_per_s / peak, 4) if flops_per_s and peak else None
+
+
+def _peak_device_mb():
+    stats = jax.devices()[0].memory_stats() or {}      # None on a CPU
+    peak = stats.get("peak_bytes_in_use")
+    return round(peak / 2**20) if peak else None
+
+
 # A typical whole MRA field of view around the circle of Willis (mm) for the inference timing.
 WHOLE_FOV_MM = (80.0, 80.0, 60.0)
 
@@ -131,7 +149,9 @@ def _bench_step(part, model, config, shape, repeats, use_project_loss):
           batch=config.batch_size, devices=timed["devices"], input=list(shape),
           steps_per_call=timed["per_call"], step_s=round(sec, 4), steps_per_s=round(1 / sec, 3),
           voxels_per_s=round(voxels / sec), compile_s=round(timed["compile_s"], 1),
-          flops_per_step=flops, gflops_per_s=round(flops / sec / 1e9, 1) if flops else None)
+          flops_per_step=flops, gflops_per_s=round(flops / sec / 1e9, 1) if flops else None,
+          fraction_of_peak=_fraction_of_peak(flops / sec if flops else None, config.model.dtype),
+          peak_device_mb=_peak_device_mb())
     return sec
 
 
@@ -271,4 +291,4 @@ def run_bench(config, parts=PARTS, repeats: int = 5) -> None:
     if "memory" in parts:
         # ru_maxrss is in KiB on Linux.
         _emit("memory", peak_host_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-              device=dev.device_kind)
+              peak_device_mb=_peak_device_mb(), device=dev.device_kind)

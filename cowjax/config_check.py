@@ -19,6 +19,7 @@ SCHEDULES = ("constant", "cosine")
 NONFINITE = ("stop", "skip")
 REGISTRATIONS = ("none", "template", "training_sample")
 CROP_CENTRES = ("circle", "landmark")
+MATMUL_PRECISIONS = ("highest", "high", "default")
 SOURCES = ("synthetic", "dir")
 SWEEP_IMPLS = ("auto", "vmap", "unroll")
 
@@ -47,7 +48,9 @@ def validate(config) -> None:
                           ("loss.segmentation", SEGMENTATION_LOSSES),
                           ("model.norm", NORMS), ("model.dtype", DTYPES),
                           ("model.conv_impl", CONV_IMPLS), ("optim.schedule", SCHEDULES),
-                          ("train.nonfinite", NONFINITE), ("data.registration", REGISTRATIONS),
+                          ("train.nonfinite", NONFINITE),
+                          ("train.matmul_precision", MATMUL_PRECISIONS),
+                          ("data.registration", REGISTRATIONS),
                           ("data.crop_centre", CROP_CENTRES), ("data.source", SOURCES),
                           ("train.sweep_impl", SWEEP_IMPLS)):
         _choice(config, path, choices)

@@ -79,10 +79,25 @@ def steps_per_call(requested: int = 0) -> int:
     return 4 if jax.default_backend() == "cpu" else 1
 
 
+def use_matmul_precision(config) -> None:
+    """Float32 matrix products and convolutions at ``config.train.matmul_precision`` from here on
+    ("highest" for runs whose config predates the field): NVIDIA GPUs otherwise run them in TF32."""
+    jax.config.update("jax_default_matmul_precision",
+                      config.train.get("matmul_precision", "highest"))
+
+
+# ``launch.py --windows_per_call``: inference windows per network call (0: ``window_batch``'s
+# default). A process-wide setting, as the device count is.
+WINDOWS_PER_CALL = 0
+
+
 def window_batch(accelerator_batch: int = 8) -> int:
-    """Windows per inference call: one per local device on CPU (so every core runs one), else
-    ``accelerator_batch`` rounded up to a multiple of the local devices."""
+    """Windows per inference call: ``WINDOWS_PER_CALL`` when set, else one per local device on CPU
+    (so every core runs one) and ``accelerator_batch`` on an accelerator; always rounded up to a
+    multiple of the local devices (each device gets its share)."""
     n = jax.local_device_count()
+    if WINDOWS_PER_CALL:
+        return math.ceil(WINDOWS_PER_CALL / n) * n
     if jax.default_backend() == "cpu":
         return n
     return math.ceil(accelerator_batch / n) * n

@@ -138,6 +138,7 @@ def test_epochs_count_nothing_by_default():
     ("loss", "w_consistency", -1.0, "config.loss.w_consistency=-1.0 must be 0 (off) or more"),
     ("optim", "schedule", "step", "config.optim.schedule: unknown 'step'"),
     ("train", "nonfinite", "ignore", "config.train.nonfinite: unknown 'ignore'"),
+    ("train", "matmul_precision", "tf32", "config.train.matmul_precision: unknown 'tf32'"),
     ("train", "steps_per_call", -1, "config.train.steps_per_call=-1 must be 0 (auto)"),
     ("data", "crop_centre", "nowhere", "config.data.crop_centre: unknown 'nowhere'"),
     ("data", "registration", "affine", "config.data.registration: unknown 'affine'"),

@@ -382,3 +382,13 @@ def test_bifurcation_follows_the_predicted_presence_by_the_cow19_rule():
     assert pred.bifurcation_prob[anatomy.LANDMARK_INDEX["ICA_PCoA_R"]] < 0.5
     assert pred.bifurcation_prob[anatomy.LANDMARK_INDEX["ICA_PCoA_L"]] > 0.5
     np.testing.assert_allclose(pred.bifurcation_branch_prob, 0.7)   # the branch's own, kept
+
+
+def test_windows_per_call_sets_the_predictor_batch(monkeypatch):
+    import jax
+    from cowjax import devices
+    n = jax.local_device_count()
+    assert Predictor(_config(), params=None).batch_size == devices.window_batch()
+    monkeypatch.setattr(devices, "WINDOWS_PER_CALL", 3)
+    assert devices.window_batch() == -(-3 // n) * n            # a multiple of the devices
+    assert Predictor(_config(), params=None).batch_size == -(-3 // n) * n

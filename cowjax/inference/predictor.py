@@ -149,6 +149,7 @@ class Predictor:
         patches); with ``decode_method="argmax"`` too, a run is scored as the paper did."""
         from cowjax.training import checkpoint
         config, params = _with_template(*checkpoint.load_for_inference(workdir), workdir)
+        devices.use_matmul_precision(config)
         refiner = None
         refine_dir = Path(workdir) / checkpoint.REFINE_DIR
         if refine and checkpoint.has_checkpoint(refine_dir):

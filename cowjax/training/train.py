@@ -356,7 +356,9 @@ def run_training(config, workdir, model, train_iter, val_examples, desc: str = "
                                               "skipped": int(metrics["skipped"]),
                                               "steps_per_s": (at - start) / (time.perf_counter() - t0)})
                         shown = record if members is None else {**shown, name: record["loss"]}
-                bar.set_postfix({key: f"{v:.4g}" for key, v in shown.items()}, refresh=False)
+                # The loss terms; the weights are in metrics.jsonl and curves.png.
+                bar.set_postfix({key: f"{v:.4g}" for key, v in shown.items()
+                                 if not key.startswith("weight_")}, refresh=False)
                 bar.update(end - step)
                 step = end
                 mres = dict.fromkeys(runs)
@@ -414,6 +416,7 @@ def train_and_evaluate(config, workdir) -> dict:
     if config.train.distributed:
         jax.distributed.initialize()
     config_check.validate(config)   # before any data is made or written
+    devices.use_matmul_precision(config)
     workdir = Path(workdir)
     if sweep.is_sweep_dir(workdir) and not sweep.is_sweep(config):
         raise CowjaxError(f"{workdir} holds a sweep ({sweep.RECORD}); train a run in another "
