@@ -16,7 +16,6 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cowjax import anatomy, metrics  # noqa: E402
-from cowjax.data import preprocess  # noqa: E402
 from cowjax.errors import atomic_output  # noqa: E402
 
 
@@ -67,8 +66,6 @@ def _label_mip(image, labels, axis):
 _VIEWS = {"axial": (2, 0, 1), "coronal": (1, 0, 2)}
 _AXIS_LABELS = ("x (mm, +R)", "y (mm, anterior up)", "z (mm, superior up)")
 _ORANGE = np.array([1.0, 0.55, 0.0])
-# Figures of whole images are drawn on a RAS-aligned grid with at most this many voxels per axis.
-_DISPLAY_VOXELS = 256
 
 
 def _mip(ax, image, grid_affine, view: str, labels=None, overlay=None) -> tuple[int, int]:
@@ -256,8 +253,8 @@ def case_preview(path, case) -> Path:
     affine = canonical.affine
     grid_affine = np.diag(np.append(np.linalg.norm(affine[:3, :3], axis=0), 1.0))
     grid_affine[:3, 3] = affine[:3, 3]
-    points = preprocess.voxel_to_world(preprocess.world_to_voxel(case.landmarks, affine),
-                                       grid_affine)
+    # World -> canonical voxel -> the drawing's mm (nibabel's affine helper, no data import).
+    points = nib.affines.apply_affine(grid_affine @ np.linalg.inv(affine), case.landmarks)
     present = case.attributes["landmarks"] if case.attributes else {}
     fig, axes = plt.subplots(1, 2, figsize=(13, 6.5))
     for ax, view in zip(axes, _VIEWS):
@@ -272,24 +269,17 @@ def case_preview(path, case) -> Path:
     return _save(fig, path)
 
 
-def registration_overlay(path, fixed, fixed_affine, moving, moved_affine, fixed_lm, moved_lm,
-                         used, title: str = "") -> Path:
+def registration_overlay(path, fixed, moved, grid_affine, fixed_lm, moved_lm, used,
+                         title: str = "") -> Path:
     """Axial and coronal MIPs (``_mip``) of the fixed image (grey) with the moved one (orange) and
     the landmarks used (fixed: cyan circles, moved: magenta crosses).
 
-    fixed, moving: [X, Y, Z] on their own grids; moved_affine: the moving image's affine already
-    composed with the transform, so both are drawn in fixed world space (resampled onto one
-    RAS-aligned grid of at most ``_DISPLAY_VOXELS`` per axis). Landmarks [19, 3] RAS; used [19].
+    fixed, moved: [X, Y, Z] both resampled onto one RAS-aligned grid (``grid_affine``: diag(spacing)
+    + origin) in fixed world space; landmarks [19, 3] RAS; used [19] bool.
     """
-    spacing = np.linalg.norm(fixed_affine[:3, :3], axis=0)
-    extent = np.abs(fixed_affine[:3, :3]) @ (np.array(fixed.shape) - 1)
-    step = max(spacing.min(), extent.max() / (_DISPLAY_VOXELS - 1))
-    grid_affine, grid_shape = preprocess.canonical_grid(fixed_affine, fixed.shape, (step,) * 3)
-    f = preprocess.resample(fixed, fixed_affine, grid_affine, grid_shape, order=1)
-    m = preprocess.resample(moving, moved_affine, grid_affine, grid_shape, order=1)
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.5))
     for ax, view in zip(axes, _VIEWS):
-        h, v = _mip(ax, f, grid_affine, view, overlay=m)
+        h, v = _mip(ax, fixed, grid_affine, view, overlay=moved)
         for pts, style in ((fixed_lm, dict(marker="o", mfc="none", mec="cyan", ms=8, mew=1.5)),
                            (moved_lm, dict(marker="+", color="magenta", ms=9, mew=1.5))):
             p = np.asarray(pts)[np.asarray(used, bool)]

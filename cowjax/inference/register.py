@@ -23,6 +23,8 @@ from cowjax.errors import CowjaxError, atomic_output
 from cowjax.registration import landmarks as lm
 
 DIRECTION = "moving world RAS mm -> fixed world RAS mm"
+# The overlay is drawn on a RAS-aligned grid with at most this many voxels along an axis.
+_DISPLAY_VOXELS = 256
 
 
 def output_paths(output: str | Path) -> dict[str, Path]:
@@ -102,9 +104,16 @@ def run_register(workdir, fixed, moving, output, transform: str = "rigid",
     io.save_image(paths["image"], moved.astype(np.float32), fixed_aff)
     with atomic_output(paths["transform"]) as tmp:
         tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    figures.registration_overlay(paths["overlay"], fixed_img, fixed_aff, moving_img,
-                                 matrix @ moving_aff, f_lm, lm.apply_transform(matrix, m_lm), used,
-                                 title=f"{Path(moving).name} -> {Path(fixed).name} ({transform})")
+    # Both images on one RAS-aligned display grid of at most _DISPLAY_VOXELS per axis.
+    spacing = np.linalg.norm(fixed_aff[:3, :3], axis=0)
+    extent = np.abs(fixed_aff[:3, :3]) @ (np.array(fixed_img.shape) - 1)
+    step = max(spacing.min(), extent.max() / (_DISPLAY_VOXELS - 1))
+    grid = preprocess.canonical_grid(fixed_aff, fixed_img.shape, (step,) * 3)
+    figures.registration_overlay(
+        paths["overlay"], preprocess.resample(fixed_img, fixed_aff, *grid, order=1),
+        preprocess.resample(moving_img, matrix @ moving_aff, *grid, order=1), grid[0], f_lm,
+        lm.apply_transform(matrix, m_lm), used,
+        title=f"{Path(moving).name} -> {Path(fixed).name} ({transform})")
     print(format_table(res, tre, used))
     print(f"wrote {paths['image']}, {paths['transform'].name}, {paths['overlay'].name}")
     return record
