@@ -123,8 +123,8 @@ def test_cached_case_reads_back_as_made(phantom_dataset, tmp_path):
             np.testing.assert_array_equal(read[k], v)
             assert type(read[k]) is np.ndarray and read[k].dtype == v.dtype
     assert not read["image"].flags.writeable
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [pipeline._cache_path(
-        case, config.data, tmp_path / "cache").name]                     # no temp folders left
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 1 and not entries[0].name.startswith(".")   # no temp folders left
     config.data.spacing = (1.5, 1.5, 1.5)
     pipeline.preprocessed(case, config, tmp_path / "cache")
     assert len(list((tmp_path / "cache").iterdir())) == 2
