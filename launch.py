@@ -67,6 +67,10 @@ _PARTS = flags.DEFINE_list("parts", ["model", "step", "inference", "pipeline", "
 
 def _run() -> None:
     mode, workdir, config = _MODE.value, _WORKDIR.value, _CONFIG.value
+    if _WINDOWS.value < 0:
+        raise _usage(f"--windows_per_call={_WINDOWS.value} must be 0 (default) or positive")
+    from cowjax import devices
+    devices.WINDOWS_PER_CALL = _WINDOWS.value
     if config is not None:
         from cowjax import config_check
         config_check.validate(config)
@@ -121,10 +125,6 @@ def _evaluate(workdirs, data_dir) -> None:
 
 
 def _inference_flags() -> dict:
-    if _WINDOWS.value < 0:
-        raise _usage(f"--windows_per_call={_WINDOWS.value} must be 0 (default) or positive")
-    from cowjax import devices
-    devices.WINDOWS_PER_CALL = _WINDOWS.value
     return {"tta": _TTA.value == "default", "decode_method": _DECODE.value,
             "refine": _REFINE.value}
 

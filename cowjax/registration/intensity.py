@@ -329,19 +329,6 @@ def render_template(spacing_mm: float = 1.0, margin_mm: float = 12.0) -> tuple[n
     return image.reshape(shape), affine
 
 
-def make_template(spacing_mm: float = 1.0, margin_mm: float = 12.0):
-    """The registration template as a ``Case``: the rendered anatomy template and its landmarks.
-
-    Any other case (e.g. a chosen training case) can serve as template just as well.
-    """
-    from cowjax.data.io import Case
-    image, affine = render_template(spacing_mm, margin_mm)
-    return Case(case_id="template", image=image, affine=affine,
-                landmarks=anatomy.TEMPLATE_LANDMARKS.copy())
-
-
-
-
 @dataclasses.dataclass(frozen=True)
 class TemplateRegistration:
     """The ``to_template`` that ``preprocess.preprocess_case`` takes: ``(image [X, Y, Z], affine
