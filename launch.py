@@ -17,6 +17,8 @@ cases) and writes the comparison there (``cowjax/ablation.py``); started again i
 A config with ``config.sweep`` set trains its members as one program, each a run in
 ``<workdir>/member_<k>`` (``cowjax/training/sweep.py``); ``--mode=eval`` on the sweep's workdir
 compares them in one report, as the ablation's.
+Several processes train one run when each is started with ``--coordinator=HOST:PORT
+--num_processes=N --process_id=I`` (README, "Devices").
 
 Everything worth testing lives in ``cowjax``; this file parses flags and makes one call.
 A user's mistake (a bad path, a broken file) is printed as one line and exits with status 2.
@@ -61,6 +63,13 @@ _MOVING = flags.DEFINE_string("moving", None, "register: the moving image.")
 _FIXED_LM = flags.DEFINE_string("fixed_landmarks", None, "register: landmarks of the fixed image.")
 _MOVING_LM = flags.DEFINE_string("moving_landmarks", None, "register: landmarks of the moving image.")
 _TRANSFORM = flags.DEFINE_enum("transform", "rigid", ["rigid", "similarity"], "register: model.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "train, eval, predict with several "
+                                   "processes: HOST:PORT of the first process (with "
+                                   "--num_processes and --process_id; jax.distributed.initialize).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "the number of processes (see "
+                                      "--coordinator).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0 for the first "
+                                   "(see --coordinator).")
 _PARTS = flags.DEFINE_list("parts", ["model", "step", "inference", "pipeline", "synthetic", "memory"],
                            "bench: which parts to measure.")
 
@@ -71,6 +80,7 @@ def _run() -> None:
         raise _usage(f"--windows_per_call={_WINDOWS.value} must be 0 (default) or positive")
     from cowjax import devices
     devices.WINDOWS_PER_CALL = _WINDOWS.value
+    _start_processes(mode, config)
     if config is not None:
         from cowjax import config_check
         config_check.validate(config)
@@ -80,16 +90,19 @@ def _run() -> None:
             raise _usage("--mode=train needs --config and --workdir")
         from cowjax.training import train
         train.train_and_evaluate(config, workdir)
-        if _EVAL.value:
+        if _EVAL.value and _first_process_alone():
             _evaluate([workdir], data_dir=None)
     elif mode == "eval":
         if workdir is None:
             raise _usage("--mode=eval needs --workdir")
-        _evaluate(workdir.split(","), data_dir=_DATA_DIR.value)
+        if _first_process_alone():
+            _evaluate(workdir.split(","), data_dir=_DATA_DIR.value)
     elif mode == "predict":
         if not (workdir and _INPUT.value and _OUTPUT.value):
             raise _usage("--mode=predict needs --workdir, --input and --output")
         from cowjax.inference import predict
+        if not _first_process_alone():
+            return
         predict.run_predict(workdir, _INPUT.value, _OUTPUT.value,
                             save_segmentation=_SAVE_SEG.value, **_inference_flags())
     elif mode == "register":
@@ -110,6 +123,40 @@ def _run() -> None:
             raise _usage("--mode=bench needs --config")
         from cowjax import bench
         bench.run_bench(config, parts=_PARTS.value)
+
+
+def _start_processes(mode, config) -> None:
+    """Join a run of several processes when asked: by --coordinator, --num_processes and
+    --process_id, or (``config.train.distributed``) by what JAX finds in a cluster's environment.
+    Training splits each batch over every process's devices; evaluation and prediction run on the
+    first process (``_first_process_alone``)."""
+    given = [f for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID) if f.value is not None]
+    distributed = config is not None and config.train.distributed
+    if not given and not distributed:
+        return
+    if given and len(given) < 3:
+        missing = [f"--{f.name}" for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)
+                   if f.value is None]
+        raise _usage(f"several processes need --coordinator, --num_processes and --process_id "
+                     f"(missing {', '.join(missing)})")
+    if given and not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+        raise _usage(f"--process_id={_PROCESS_ID.value} must be in 0..{_NUM_PROCESSES.value - 1}")
+    if mode not in ("train", "eval", "predict"):
+        raise _usage(f"--mode={mode} runs in one process (several: train, eval, predict)")
+    from cowjax import devices
+    devices.start_processes(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+
+def _first_process_alone() -> bool:
+    """With several processes: leave their run (the others exit) and say whether this is the
+    first, which then evaluates or predicts on its own devices. One process: True."""
+    import jax
+    from cowjax import devices
+    if jax.process_count() == 1:
+        return True
+    first = jax.process_index() == 0
+    devices.stop_processes()
+    return first
 
 
 def _evaluate(workdirs, data_dir) -> None:

@@ -34,6 +34,37 @@ def use_cpu_cores(n: int | None = None) -> None:
     jax.config.update("jax_num_cpu_devices", int(n or cpu_cores()))
 
 
+def start_processes(coordinator: str | None = None, num_processes: int | None = None,
+                    process_id: int | None = None) -> None:
+    """Join a run of several processes: ``jax.distributed.initialize`` with these (None: what it
+    finds in a cluster's environment, as on Slurm, Open MPI or Cloud TPU). Call before JAX computes
+    anything; a second call does nothing. Every process then sees every process's devices
+    (``jax.devices()``), the batch is split over all of them, and each process reads its share."""
+    if jax.distributed.is_initialized():
+        return
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def stop_processes() -> None:
+    """Leave the run of several processes (waits for all of them); what follows is this
+    process's own (the first process evaluates a run once training is done)."""
+    if jax.distributed.is_initialized():
+        jax.distributed.shutdown()
+
+
+def primary_first(fn, *args, name: str):
+    """``fn(*args)`` on the first process, then on the others once it has returned: what the
+    first writes (the generated cases, the split, the preprocessed cache) the others then find
+    instead of writing it at the same time. One process: just ``fn(*args)``."""
+    if jax.process_count() == 1:
+        return fn(*args)
+    from jax.experimental import multihost_utils
+    result = fn(*args) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices(name)
+    return fn(*args) if jax.process_index() != 0 else result
+
+
 def data_mesh(batch_size: int, local: bool = False) -> Mesh:
     """A ('data',) mesh for a global batch of ``batch_size``: every device when several processes
     train together (the batch must divide over them: ``batch_error``); in one process, or over this

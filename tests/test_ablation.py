@@ -183,7 +183,7 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
 def test_launch_ablate_flag_errors_exit_2_with_one_line(tmp_path, args, message):
     config = [] if not args else ["--config=configs/test.py", f"--workdir={tmp_path / 'w'}"]
     result = subprocess.run([sys.executable, "launch.py", "--mode=ablate", *config, *args],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith(message)

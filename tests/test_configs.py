@@ -72,7 +72,7 @@ def test_launch_applies_config_overrides_before_validating(tmp_path, override, m
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "launch.py", "--config=configs/test.py", override,
                         "--mode=train", f"--workdir={tmp_path / 'run'}"], cwd=root,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
@@ -85,8 +85,23 @@ def test_launch_applies_config_overrides_before_validating(tmp_path, override, m
 def test_a_bad_config_flag_is_one_line_without_traceback(tmp_path, config, message):
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "launch.py", f"--config={config}",
-                        f"--workdir={tmp_path / 'run'}"], cwd=root, capture_output=True, text=True)
+                        f"--workdir={tmp_path / 'run'}"], cwd=root, capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert r.returncode == 2 and message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--coordinator=localhost:1"], "(missing --num_processes, --process_id)"),
+    (["--coordinator=localhost:1", "--num_processes=2", "--process_id=2"],
+     "--process_id=2 must be in 0..1"),
+])
+def test_incomplete_process_flags_are_one_line(tmp_path, args, message):
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "launch.py", "--config=configs/test.py", *args,
+                        f"--workdir={tmp_path / 'run'}"], cwd=root, capture_output=True,
+                       text=True, encoding="utf-8", errors="replace")
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
@@ -95,7 +110,7 @@ def test_a_config_argument_reaches_get_config(tmp_path):
     # "path:arg" must name the file path and pass arg (the ablations and configs/paper.py:bench).
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "launch.py", "--config=configs/paper.py:bench", "--mode=bench",
-                        "--parts=model"], cwd=root, capture_output=True, text=True)
+                        "--parts=model"], cwd=root, capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert r.returncode == 0, r.stderr
     model = json.loads(r.stdout.strip().splitlines()[0])
     assert model["input"] == [2, 64, 64, 48, 1]

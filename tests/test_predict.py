@@ -152,7 +152,8 @@ def workdir(tmp_path_factory):
     wd = tmp_path_factory.mktemp("run")
     ckpts = checkpoint.Checkpoints(wd, keep=1)
     ckpts.save(state, {"step": 0, "nonfinite": 0, "seed": 0,
-                       "config": checkpoint.config_to_dict(config)}, best_metric=1.0)
+                       "config": checkpoint.config_to_dict(config)}, {"json": {}},
+               best_metric=1.0)
     ckpts.close()
     return wd
 

@@ -61,7 +61,7 @@ def _start(workdir, **env):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
            "JAX_PLATFORMS": "cpu", **env}
     return subprocess.Popen([sys.executable, __file__, str(workdir)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
 
 
 def _metrics(workdir):

@@ -152,7 +152,7 @@ def test_launch_refuses_a_bad_sweep_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "launch.py", "--config=configs/test.py",
                         "--config.sweep.weighting=('fixed','uncertainty')",
                         "--config.sweep.w_segmentation=(0.5,)", f"--workdir={tmp_path / 'run'}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+                       cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert r.returncode == 2 and r.stderr.startswith(
         "error: config.sweep.w_segmentation=(0.5,): a sweep needs two or more values"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

@@ -162,7 +162,7 @@ def test_variant_frequencies_follow_cow19():
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "cowjax.data.synthetic", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
 
 
 def test_cli_writes_complete_cases_equal_to_generate_case(tmp_path):

@@ -1,10 +1,12 @@
 """Checkpoints with orbax: the train state, the config and the data-iterator position together.
 
 Layout under the workdir:
-  checkpoints/<step>/{params, opt_state, weighting, meta}   the latest ``keep_checkpoints``
+  checkpoints/<step>/{params, opt_state, weighting, iterator, meta}   the latest ``keep_checkpoints``
   best/<step>/{params, meta}                     the one with the lowest validation MRE
-``meta`` is JSON: step, skipped-update count, seed, the data iterator's state, the resolved
-config and the anatomy the model was made for. Orbax writes each step into a temporary directory
+``meta`` is JSON: step, skipped-update count, seed, the resolved config and the anatomy the model
+was made for. ``iterator`` holds each process's data-iterator position, one file per process
+(``process_<i>-of-<n>.json``, grain's orbax handler): with several processes each reads its own
+share of every batch, so each resumes from its own position. Orbax writes each step into a temporary directory
 and renames it when complete, so a run killed mid-write leaves the previous checkpoint intact.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -55,17 +58,40 @@ def set_iterator_state(iterator, saved) -> None:
     iterator.set_state(saved["bytes"].encode() if "bytes" in saved else saved["json"])
 
 
+class _Position:
+    """A recorded iterator position (``iterator_state``) in the shape grain's checkpoint handler
+    saves and restores: training records the position before the batches it has prefetched, which
+    the live iterator is past."""
+
+    def __init__(self, position=None):
+        self.position = position
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.position).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.position = json.loads(state.decode())
+
+    def start_prefetch(self) -> None:
+        pass
+
+
 def _manager(directory: Path, keep: int | None, best: bool = False, read_only: bool = False):
     # Synchronous saves: checkpoints are small next to a step, and a finished save() is on disk.
     # For reading, a manager that creates and cleans nothing (orbax's read_only mode only warns).
+    # Reading (inference) is each process's own: no barriers with the others.
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=False,
         create=not read_only, cleanup_tmp_directories=not read_only,
-        best_fn=(lambda m: m[BEST_METRIC]) if best else None, best_mode="min")
+        best_fn=(lambda m: m[BEST_METRIC]) if best else None, best_mode="min",
+        multiprocessing_options=alone if read_only else ocp.options.MultiprocessingOptions())
     handlers = {"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     if not best:
         handlers["opt_state"] = ocp.StandardCheckpointHandler()
         handlers["weighting"] = ocp.StandardCheckpointHandler()
+        handlers["iterator"] = grain.checkpoint.CheckpointHandler()
     return ocp.CheckpointManager(directory.resolve(), options=options, item_handlers=handlers)
 
 
@@ -100,9 +126,11 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
 
-    def save(self, state, meta: dict, best_metric: float | None = None, latest: bool = True):
+    def save(self, state, meta: dict, position, best_metric: float | None = None,
+             latest: bool = True):
         """Save at ``meta["step"]`` (host int): as latest, and as best when best_metric is given
-        (kept if lower than the best so far). A step already saved is left as it is."""
+        (kept if lower than the best so far). ``position``: this process's data-iterator position
+        (``iterator_state``). Every process calls this. A step already saved is left as it is."""
         step = meta["step"]
         meta = {**meta, "anatomy": _anatomy()}
         if best_metric is not None and step not in self.best.all_steps():
@@ -114,6 +142,7 @@ class Checkpoints:
                 params=ocp.args.StandardSave(state["params"]),
                 opt_state=ocp.args.StandardSave(state["opt_state"]),
                 weighting=ocp.args.StandardSave(state["weighting"]),
+                iterator=grain.checkpoint.CheckpointSave(_Position(position)),
                 meta=ocp.args.JsonSave(meta)))
 
     def steps(self) -> list[int]:
@@ -135,6 +164,25 @@ class Checkpoints:
                  "opt_state": r["opt_state"], "nonfinite": np.int32(meta["nonfinite"]),
                  "weighting": r["weighting"]}
         return state, meta
+
+    def position(self, step: int):
+        """This process's data-iterator position saved with the latest checkpoint of ``step``."""
+        meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if "iterator" in meta:    # written before each process had its own position (one process)
+            if jax.process_count() > 1:
+                raise CowjaxError(f"{self.dir / LATEST}/{step}: written by one process; resume it "
+                                  f"with one process (this run has {jax.process_count()})")
+            return meta["iterator"]
+        mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        folder = self.dir / LATEST / str(step) / "iterator"
+        if not (folder / mine).is_file():
+            written = sorted(p.name for p in folder.glob("process_*.json"))
+            count = written[0].split("-of-")[1].removesuffix(".json") if written else "?"
+            raise CowjaxError(f"{folder}: written by {count} processes; resume it with as many "
+                              f"(this run has {jax.process_count()})")
+        r = self.latest.restore(step, args=ocp.args.Composite(
+            iterator=grain.checkpoint.CheckpointRestore(_Position())))
+        return r["iterator"].position
 
     def close(self) -> None:
         self.latest.close()
@@ -177,7 +225,10 @@ def load_for_inference(workdir):
     meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     config = config_from_dict(meta["config"])
     model = unet.build_model(config)
-    abstract = jax.eval_shape(lambda: state_lib.init_params(model, config))
+    # On this process's first device (not where the saving run's processes had them).
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=here),
+                            jax.eval_shape(lambda: state_lib.init_params(model, config)))
     check_compatible(directory, step, meta, mgr.item_metadata(step)["params"], abstract)
     params = mgr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract)))["params"]

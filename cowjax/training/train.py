@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
@@ -188,7 +189,10 @@ def validation_mre(eval_fn, params, examples, spacing, mesh: Mesh | None = None)
                                                   images.dtype)])
         if mesh is not None:
             images = jax.device_put(images, devices.split(mesh))
-        coords = np.asarray(eval_fn(params, images))
+        coords = eval_fn(params, images)
+        if not coords.is_fully_addressable:   # split over several processes' devices
+            coords = multihost_utils.process_allgather(coords, tiled=True)
+        coords = np.asarray(coords)
         for ex, c in zip(chunk, coords):
             err = np.linalg.norm((c - ex["landmarks"]) * spacing, axis=-1)
             errors.append(err[np.asarray(ex["landmark_mask"]) > 0])
@@ -274,9 +278,8 @@ def run_training(config, workdir, model, train_iter, val_examples, desc: str = "
     if common:
         abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                                 state_lib.abstract_state(model, config, tx))
-        restored = [c.restore_latest(abstract, max(common)) for c in checkpoints.values()]
-        states = [state for state, _ in restored]
-        ckpt.set_iterator_state(train_iter, restored[0][1]["iterator"])
+        states = [c.restore_latest(abstract, max(common))[0] for c in checkpoints.values()]
+        ckpt.set_iterator_state(train_iter, next(iter(checkpoints.values())).position(max(common)))
     else:
         params = state_lib.init_params(model, config)
         states = [state_lib.create_state(params, tx, c) for c, _ in runs.values()]
@@ -295,8 +298,8 @@ def run_training(config, workdir, model, train_iter, val_examples, desc: str = "
         for k, (name, (c, _)) in enumerate(runs.items()):
             member = take(state, k)
             meta = {"step": step, "nonfinite": int(member["nonfinite"]), "seed": c.seed,
-                    "iterator": position, "config": ckpt.config_to_dict(c)}
-            checkpoints[name].save(member, meta, best_metric=mres[name], latest=latest)
+                    "config": ckpt.config_to_dict(c)}
+            checkpoints[name].save(member, meta, position, best_metric=mres[name], latest=latest)
 
     per_call = devices.steps_per_call(config.train.steps_per_call)
 
@@ -414,18 +417,18 @@ def train_and_evaluate(config, workdir) -> dict:
     from cowjax.config_defaults import refine_config, sweep_configs
     from cowjax.data import pipeline
     if config.train.distributed:
-        jax.distributed.initialize()
+        devices.start_processes()   # launch.py has already, with its --coordinator flags
     config_check.validate(config)   # before any data is made or written
     devices.use_matmul_precision(config)
     workdir = Path(workdir)
     if sweep.is_sweep_dir(workdir) and not sweep.is_sweep(config):
         raise CowjaxError(f"{workdir} holds a sweep ({sweep.RECORD}); train a run in another "
                           f"--workdir, or this sweep with its config.sweep")
-    splits = pipeline.prepare_data(config, workdir)
+    splits = devices.primary_first(pipeline.prepare_data, config, workdir, name="prepare_data")
     config = resolve_config(config, workdir, splits)
     if sweep.is_sweep(config):
         members = sweep_configs(config)
-        dirs = sweep.prepare(workdir, config, members)
+        dirs = devices.primary_first(sweep.prepare, workdir, config, members, name="sweep")
         if config.refine.num_train_steps > 0 and jax.process_index() == 0:
             print(f"sweep of {len(members)}: the members train the first network only "
                   f"(config.refine.num_train_steps={config.refine.num_train_steps} unused)")
@@ -449,7 +452,9 @@ def _train_stage(config, stage_dir: Path, workdir: Path, splits: dict, desc: str
     # Preprocessed cases are keyed by case path and spacing, so runs side by side share the cache.
     cache_dir = workdir.resolve().parent / "cache"
     to_template = intensity.template_registration(config.data)   # None without registration
-    train_iter = pipeline.train_loader(config, splits["train"], cache_dir, to_template)
+    # The first process preprocesses and caches the cases; the others then read its cache.
+    train_iter = devices.primary_first(pipeline.train_loader, config, splits["train"], cache_dir,
+                                       to_template, name=f"{desc}_loader")
     val_examples = pipeline.eval_examples(config, splits["val"], cache_dir, to_template)
     return run_training(config, stage_dir, unet.build_model(config), train_iter, val_examples,
                         desc, members)
