@@ -4,7 +4,9 @@
   python launch.py --mode=ablate --config=configs/demo.py --workdir=runs/ablation --seeds=3
   python launch.py --config=configs/demo.py --workdir=runs/sweep \
       --config.sweep.weighting="('fixed','uncertainty','dwa','gradnorm')"   # trained together
+  python launch.py --mode=predict --input=IMG --output=OUT.mrk.json      # the ready model
   python launch.py --mode=predict --workdir=runs/demo --input=IMG --output=OUT.mrk.json
+  python launch.py --mode=export --workdir=runs/demo --output=models/ready  # what predict needs
   python launch.py --mode=eval --workdir=runs/demo --data_dir=CASES
   python launch.py --mode=eval --workdir=runs/demo --decode=argmax --tta=none --norefine  # as the paper
   python launch.py --mode=register --workdir=runs/demo --fixed=A.nii.gz --moving=B.nii.gz \
@@ -34,13 +36,18 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config. "
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config "
+                               "(predict: models/ready when not given). "
                                "For --mode=eval, a comma-separated list compares runs, and a "
                                "sweep's directory its members.")
 _MODE = flags.DEFINE_enum("mode", "train",
-                          ["train", "eval", "predict", "register", "ablate", "bench"], "What to do.")
+                          ["train", "eval", "predict", "register", "ablate", "bench", "export"],
+                          "What to do.")
+# The model shipped with the repository (models/ready/MODEL.md): --mode=predict without --workdir.
+READY_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "ready")
 _INPUT = flags.DEFINE_string("input", None, "predict: an image, or a directory of cases/images.")
-_OUTPUT = flags.DEFINE_string("output", None, "predict/register: output file or directory.")
+_OUTPUT = flags.DEFINE_string("output", None, "predict, register, export: output file or "
+                              "directory.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "eval, ablate: cases with ground truth "
                                 "(default: the run's own test split).")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "ablate: seeds per arm (at least 1).")
@@ -98,8 +105,10 @@ def _run() -> None:
         if _first_process_alone():
             _evaluate(workdir.split(","), data_dir=_DATA_DIR.value)
     elif mode == "predict":
-        if not (workdir and _INPUT.value and _OUTPUT.value):
-            raise _usage("--mode=predict needs --workdir, --input and --output")
+        if not (_INPUT.value and _OUTPUT.value):
+            raise _usage("--mode=predict needs --input and --output (and --workdir, or the ready "
+                         "model in models/ready)")
+        workdir = workdir or READY_MODEL
         from cowjax.inference import predict
         if not _first_process_alone():
             return
@@ -118,6 +127,13 @@ def _run() -> None:
         from cowjax import ablation
         ablation.run_ablation(config, workdir, seeds=_SEEDS.value, data_dir=_DATA_DIR.value,
                               command=shlex.join(["python", *sys.argv]))
+    elif mode == "export":
+        if not (workdir and _OUTPUT.value):
+            raise _usage("--mode=export needs --workdir and --output")
+        from cowjax.training import checkpoint
+        stages = checkpoint.export_for_inference(workdir, _OUTPUT.value)
+        print(f"{_OUTPUT.value}: the best checkpoint of {workdir}"
+              + (" and of its refinement stage" if len(stages) > 1 else ""))
     elif mode == "bench":
         if config is None:
             raise _usage("--mode=bench needs --config")

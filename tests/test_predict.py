@@ -192,6 +192,20 @@ def test_windows_split_over_devices_give_the_same_prediction(workdir):
     np.testing.assert_allclose(got.present_prob, one.present_prob, atol=1e-5)
 
 
+def test_an_exported_run_predicts_as_the_run_and_holds_no_optimiser_state(workdir, tmp_path):
+    from cowjax.training import checkpoint
+    assert checkpoint.export_for_inference(workdir, tmp_path / "model") == [""]
+    files = [p.relative_to(tmp_path / "model").parts for p in (tmp_path / "model").rglob("*")]
+    assert not any("opt_state" in parts or "checkpoints" in parts for parts in files)
+    img, affine = _image()
+    a = Predictor.from_workdir(workdir).predict(img, affine)
+    b = Predictor.from_workdir(tmp_path / "model").predict(img, affine)
+    np.testing.assert_array_equal(a.landmarks, b.landmarks)
+    with pytest.raises(CowjaxError, match="no best checkpoint"):
+        checkpoint.export_for_inference(tmp_path / "nothing", tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
 def test_softmax_model_confidences_are_probabilities(workdir):
     from cowjax.training import checkpoint
     config, params = checkpoint.load_for_inference(workdir)

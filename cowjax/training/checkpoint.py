@@ -13,6 +13,7 @@ and renames it when complete, so a run killed mid-write leaves the previous chec
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import grain
@@ -233,3 +234,29 @@ def load_for_inference(workdir):
     params = mgr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract)))["params"]
     return config, params
+
+
+def export_for_inference(workdir, out) -> list[str]:
+    """Copy what prediction needs from a run into ``out``: its config and best checkpoint, the
+    refinement stage's likewise, the registration template if the run has one (no optimiser
+    state, no older checkpoints: a few MB for the demo). ``out`` is then a workdir that
+    ``--mode=predict`` and ``--mode=eval --data_dir`` read; written whole or not at all.
+    Returns the stages copied ("", and "refine" if the run has one)."""
+    from cowjax.data import pipeline
+    from cowjax.errors import atomic_output_dir
+    workdir, out = Path(workdir), Path(out)
+    stages = [s for s in ("", REFINE_DIR) if (workdir / s / BEST).is_dir()]
+    if "" not in stages:
+        raise CowjaxError(f"{workdir}: no best checkpoint ({workdir / BEST}) to export")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output_dir(out) as tmp:
+        for stage in stages:
+            step = _manager(workdir / stage / BEST, None, read_only=True).latest_step()
+            (tmp / stage).mkdir(exist_ok=True)
+            shutil.copytree(workdir / stage / BEST / str(step), tmp / stage / BEST / str(step))
+            if (workdir / stage / "config.json").is_file():   # for people: the checkpoint has it too
+                shutil.copyfile(workdir / stage / "config.json", tmp / stage / "config.json")
+        template = pipeline.template_path(workdir)
+        if template.is_file():
+            shutil.copyfile(template, pipeline.template_path(tmp))
+    return stages
