@@ -6,8 +6,9 @@ Layout under the workdir:
 ``meta`` is JSON: step, skipped-update count, seed, the resolved config and the anatomy the model
 was made for. ``iterator`` holds each process's data-iterator position, one file per process
 (``process_<i>-of-<n>.json``, grain's orbax handler): with several processes each reads its own
-share of every batch, so each resumes from its own position. Orbax writes each step into a temporary directory
-and renames it when complete, so a run killed mid-write leaves the previous checkpoint intact.
+share of every batch, so each resumes from its own position. Orbax writes each step into a
+temporary directory and renames it when complete, so a run killed mid-write leaves the previous
+checkpoint intact.
 """
 
 from __future__ import annotations
@@ -251,7 +252,9 @@ def export_for_inference(workdir, out) -> list[str]:
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output_dir(out) as tmp:
         for stage in stages:
-            step = _manager(workdir / stage / BEST, None, read_only=True).latest_step()
+            mgr = _manager(workdir / stage / BEST, None, read_only=True)
+            step = mgr.latest_step()
+            mgr.close()
             (tmp / stage).mkdir(exist_ok=True)
             shutil.copytree(workdir / stage / BEST / str(step), tmp / stage / BEST / str(step))
             if (workdir / stage / "config.json").is_file():   # for people: the checkpoint has it too
