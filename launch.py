@@ -8,7 +8,8 @@
   python launch.py --mode=predict --workdir=runs/demo --input=IMG --output=OUT.mrk.json
   python launch.py --mode=export --workdir=runs/demo --output=models/ready  # what predict needs
   python launch.py --mode=eval --workdir=runs/demo --data_dir=CASES
-  python launch.py --mode=eval --workdir=runs/demo --decode=argmax --tta=none --norefine  # as the paper
+  python launch.py --mode=eval --workdir=runs/demo --decode=argmax --tta=none --norefine \
+      --presence=network                                                    # as the paper
   python launch.py --mode=register --workdir=runs/demo --fixed=A.nii.gz --moving=B.nii.gz \
       --output=B_on_A.nii.gz
   python launch.py --mode=bench --config=configs/paper.py
@@ -65,6 +66,11 @@ _TTA = flags.DEFINE_enum("tta", "default", ["default", "none"],
                          "the refinement stage's shifted patches; 'none': as the paper).")
 _REFINE = flags.DEFINE_bool("refine", True, "predict, eval: use the run's refinement stage where "
                             "it has one (--norefine: the first network alone, as the paper).")
+_PRESENCE = flags.DEFINE_enum("presence", "image", ["image", "network"],
+                              "predict, eval: where the variable segments' presence comes from "
+                              "('image': the lumen between the predicted landmarks; 'network': "
+                              "the segment attribute branch, as the paper). ablate and a sweep's "
+                              "eval: always the network.")
 _FIXED = flags.DEFINE_string("fixed", None, "register: the fixed image.")
 _MOVING = flags.DEFINE_string("moving", None, "register: the moving image.")
 _FIXED_LM = flags.DEFINE_string("fixed_landmarks", None, "register: landmarks of the fixed image.")
@@ -189,7 +195,7 @@ def _evaluate(workdirs, data_dir) -> None:
 
 def _inference_flags() -> dict:
     return {"tta": _TTA.value == "default", "decode_method": _DECODE.value,
-            "refine": _REFINE.value}
+            "refine": _REFINE.value, "presence": _PRESENCE.value}
 
 
 def _usage(message):

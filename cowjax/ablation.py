@@ -11,7 +11,9 @@ Run ``<arm>_s<s>`` for s in ``range(seeds)`` has ``config.seed = base seed + s``
 run workdir under the ablation's workdir, trained by ``train.train_and_evaluate``: started again,
 a finished run is skipped and an unfinished one resumes. The refinement stage is off in every arm
 (``config.refine.num_train_steps = 0``): the ablation measures what the auxiliary tasks do to the
-first network, the one they are trained with.
+first network, the one they are trained with. For the same reason the attribute accuracies are the
+network's own (``presence="network"``), not the presence read off the image that prediction uses by
+default.
 
 One split for all: the first run (``heatmap_only_s0``, whose seed is the base seed) makes it, it is
 kept as ``<workdir>/split.json`` and copied into every run before training, so every arm and seed is
@@ -196,6 +198,11 @@ def _checkpoint_mtime(workdir: Path) -> float:
     folders = [workdir / ckpt.BEST, workdir / ckpt.LATEST]
     paths = [p for d in folders if d.is_dir() for p in (d, *d.iterdir())]
     return max((p.stat().st_mtime for p in paths), default=float("inf"))
+
+
+# Arms are compared on what their networks learned: segment presence read off the image depends on
+# the landmarks alone (``Predictor``'s ``presence``).
+NETWORK_PRESENCE = "network"
 
 
 def _evaluation(workdir: Path, data_dir, record_path: Path, tag: str, **inference) -> dict:
@@ -431,7 +438,7 @@ def run_ablation(base: ml_collections.ConfigDict, workdir, seeds: int = 3, data_
     out_dir = root if data_dir is None else root / "eval" / Path(data_dir).name
     out_dir.mkdir(parents=True, exist_ok=True)
     records = {name: _evaluation(root / name, data_dir, out_dir / "evaluations" / f"{name}.json",
-                                 f"[{i + 1}/{len(runs)}]")
+                                 f"[{i + 1}/{len(runs)}]", presence=NETWORK_PRESENCE)
                for i, name in enumerate(runs)}
     first_name, first = next(iter(runs.items()))
     steps = _steps(root / first_name, first)
@@ -461,7 +468,9 @@ def evaluate_sweep(workdir, data_dir=None, command: str | None = None, **inferen
     the first member the reference: ``report.json``, ``report.md``, ``landmark_errors.png``,
     ``differences.png`` and ``evaluations/<member>.json`` in the sweep's workdir (with
     ``data_dir``: in ``<workdir>/eval/<data_dir's name>/``). inference: ``evaluate.evaluate_run``'s
-    keyword arguments (``tta``, ``decode_method``, ``refine``). Returns the report."""
+    keyword arguments (``tta``, ``decode_method``, ``refine``; presence is always the network's).
+    Returns the report."""
+    inference = {**inference, "presence": NETWORK_PRESENCE}
     root = Path(workdir)
     dirs = sweep.member_dirs(root)
     runs = {}

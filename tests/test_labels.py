@@ -33,6 +33,13 @@ def test_derived_segments_match_the_phantom(absent):
     np.testing.assert_array_equal(lm_attr > 0, anatomy.landmark_attributes(expected))
 
 
+def test_a_mask_without_vessels_labels_nothing():
+    """An image with no vessel at all (a blank or a failed threshold) labels no voxel."""
+    _, affine, landmarks, vessels, _ = tube_phantom(0.8)
+    derived = labels.derive_segments(np.zeros(vessels.shape, bool), affine, landmarks)
+    assert derived.shape == vessels.shape and not derived.any()
+
+
 def test_unknown_landmark_makes_its_attributes_unknown():
     _, affine, landmarks, vessels, truth = tube_phantom(1.0)
     landmarks[anatomy.LANDMARK_INDEX["P1_P2_R"]] = np.nan

@@ -12,7 +12,7 @@ from configs import test as test_config
 from cowjax import anatomy
 from cowjax.data import io, preprocess
 from cowjax.errors import CowjaxError
-from cowjax.inference import evaluate, predict, windows
+from cowjax.inference import evaluate, predict, segment, windows
 from cowjax.inference import predictor as predictor_lib
 from cowjax.inference.predictor import Predictor
 from cowjax.model import unet
@@ -407,3 +407,27 @@ def test_windows_per_call_sets_the_predictor_batch(monkeypatch):
     monkeypatch.setattr(devices, "WINDOWS_PER_CALL", 3)
     assert devices.window_batch() == -(-3 // n) * n            # a multiple of the devices
     assert Predictor(_config(), params=None).batch_size == -(-3 // n) * n
+
+
+def test_presence_from_the_image_or_from_the_network():
+    """presence="image" (the default) replaces the variable segments' presence where the image
+    measured a radius and keeps the network's elsewhere; "network" keeps the branch's (the paper)."""
+    affine = _affine((1.5, 1.5, 1.5))
+    img = _blob_image(affine, (40, 40, 30), np.zeros(3), sigma_mm=3.0)
+    preds = {}
+    for presence in predictor_lib.PRESENCE:
+        predictor = _echo_predictor(1, flip=False, presence=presence)
+        predictor.locate = lambda volume, first_guess: first_guess
+        preds[presence] = predictor.predict(img, affine)
+    network, image = preds["network"], preds["image"]
+    assert network.segment_radius_mm is None
+    np.testing.assert_allclose(network.present_prob, 0.5)              # the stand-in's branch
+    radii = image.segment_radius_mm
+    measured = np.isfinite(radii)
+    assert measured.any() and not measured[~anatomy.VARIABLE_SEGMENT_MASK].any()
+    np.testing.assert_allclose(image.present_prob[measured],
+                               segment.presence_probability(radii[measured]))
+    np.testing.assert_allclose(image.present_prob[~measured], 0.5)
+    np.testing.assert_allclose(image.landmarks, network.landmarks)
+    with pytest.raises(CowjaxError, match="presence"):
+        Predictor(_config(1), params=None, presence="atlas")

@@ -2,6 +2,7 @@
 network's probabilities."""
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from cowjax import anatomy
@@ -75,3 +76,33 @@ def test_lumen_labelled_by_the_landmarks_matches_a_synthetic_case():
     dice = metrics.dice(labels, case.segments, anatomy.NUM_CLASSES)
     assert np.nanmean(dice) > 0.6
     assert labels.astype(bool).sum() < 0.5 * mask.sum()      # most bright voxels are not the circle
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.6, 0.6, 0.8)])
+def test_presence_read_off_the_image_finds_the_absent_segments(spacing):
+    """Two synthetic subjects with absent segments (case 0: A1_L and PCoA_L; case 2: PCoA_L) at two
+    resolutions, by their true landmarks: the absent ones show no lumen between their ends, every
+    present one a radius above the hypoplastic line. (Not every case is read right: a hypoplastic
+    thread beside the basilar tip can read as present, BENCHMARKS.md 2026-12-02.)"""
+    from cowjax.data import synthetic
+    for index in (0, 2):
+        case = synthetic.generate_case(7, index, spacing=spacing)
+        truth = np.array([case.attributes["segments"][n] for n in anatomy.SEGMENTS])
+        assert not truth[anatomy.VARIABLE_SEGMENT_MASK].all()
+        radii = segment.presence_radii(case.image, case.affine, case.landmarks)
+        assert np.all(np.isnan(radii[~anatomy.VARIABLE_SEGMENT_MASK]))
+        variable = np.flatnonzero(anatomy.VARIABLE_SEGMENT_MASK)
+        np.testing.assert_array_equal(segment.presence_probability(radii[variable]) > 0.5,
+                                      truth[variable])
+        assert np.all(radii[variable][truth[variable]] < 3.0)   # a radius, not a whole vessel tree
+
+
+def test_presence_without_evidence_is_left_unknown():
+    """An end landmark off every vessel (or unknown): no evidence, NaN, so the network decides."""
+    image, affine, _ = _tubes()
+    landmarks = np.full((anatomy.NUM_LANDMARKS, 3), np.nan)
+    assert np.all(np.isnan(segment.presence_radii(image, affine, landmarks)))
+    landmarks = np.tile(np.array([[20.0, 40.0, 3.0]]), (anatomy.NUM_LANDMARKS, 1))  # tissue only
+    assert np.all(np.isnan(segment.presence_radii(image, affine, landmarks)))
+    np.testing.assert_allclose(segment.presence_probability(np.array([0.3, 0.5, 0.8, np.nan])),
+                               [0.119, 0.5, 0.953, np.nan], atol=1e-3)

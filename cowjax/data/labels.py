@@ -70,6 +70,9 @@ def derive_segments(vessels: np.ndarray, affine: np.ndarray, landmarks: np.ndarr
     """
     landmarks = np.asarray(landmarks, np.float64)
     dist, flat, world = _landmark_geodesics(vessels, affine, landmarks, snap_mm)
+    out = np.zeros(vessels.shape, np.uint8)
+    if flat.size == 0:  # no vessel at all
+        return out
     voxel_mm = float(np.linalg.norm(affine[:3, :3], axis=0).max())
     # score[s, v] <= 1 means "on segment s"; the lowest score wins.
     score = np.full((anatomy.NUM_SEGMENTS, flat.size), np.inf)
@@ -92,7 +95,6 @@ def derive_segments(vessels: np.ndarray, affine: np.ndarray, landmarks: np.ndarr
         score[anatomy.SEGMENT_INDEX["BA"], near_top] = 0.5
     best = np.argmin(score, axis=0)
     labels = np.where(np.min(score, axis=0) <= 1.0, best + 1, 0).astype(np.uint8)
-    out = np.zeros(vessels.shape, np.uint8)
     out.flat[flat] = labels
     return out
 

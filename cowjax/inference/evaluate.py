@@ -240,6 +240,8 @@ def _decode_description(predictor: Predictor) -> str:
         text += (f"; refinement stage: {'x'.join(map(str, r.config.data.crop_shape))} patches at "
                  f"{'x'.join(f'{s:g}' for s in r.config.data.spacing)} mm, prior sigma "
                  f"{r.prior_sigma_mm:g} mm, {len(r.shifts_mm)} patch position(s) averaged")
+    text += ("; segment presence from the image (the lumen between the predicted landmarks)"
+             if predictor.presence == "image" else "; segment presence from the network")
     return text
 
 
@@ -250,11 +252,11 @@ def _json_default(v):
 
 
 def evaluate_run(workdir, data_dir=None, tta: bool = True,
-                 decode_method: str = heatmaps.DEFAULT_METHOD,
-                 refine: bool = True) -> tuple[dict, dict, Path]:
+                 decode_method: str = heatmaps.DEFAULT_METHOD, refine: bool = True,
+                 presence: str = "image") -> tuple[dict, dict, Path]:
     """Evaluate one run: (report dict, per-landmark errors [N, 19], output folder). ``tta``,
-    ``decode_method`` and ``refine`` as ``Predictor.from_workdir`` (False, "argmax", False: scored
-    as the paper did)."""
+    ``decode_method``, ``refine`` and ``presence`` as ``Predictor.from_workdir`` (False, "argmax",
+    False, "network": scored as the paper did)."""
     workdir = Path(workdir)
     name, case_dirs = _case_dirs(workdir, data_dir)
     names = dict(zip(case_dirs, _case_names(case_dirs)))
@@ -264,7 +266,7 @@ def evaluate_run(workdir, data_dir=None, tta: bool = True,
         raise CowjaxError(f"{data_dir or workdir / 'split.json'}: no case has a landmark file "
                           f"({', '.join(io.LANDMARK_FILES)}) to evaluate against")
     predictor = Predictor.from_workdir(workdir, refine=refine, tta=tta,
-                                       decode_method=decode_method)
+                                       decode_method=decode_method, presence=presence)
     out_dir = workdir / "eval" / name
     out_dir.mkdir(parents=True, exist_ok=True)
     records, figs = [], []
@@ -293,7 +295,8 @@ def evaluate_run(workdir, data_dir=None, tta: bool = True,
 
 
 def run_eval(workdirs, data_dir=None, tta: bool = True,
-             decode_method: str = heatmaps.DEFAULT_METHOD, refine: bool = True) -> dict[str, dict]:
+             decode_method: str = heatmaps.DEFAULT_METHOD, refine: bool = True,
+             presence: str = "image") -> dict[str, dict]:
     """Evaluate each run on ``data_dir`` (cases with ground truth) or, when None, on its own test
     split; print the summaries and where the reports are. Returns {workdir: report}."""
     names = [Path(w).name for w in workdirs]
@@ -301,7 +304,8 @@ def run_eval(workdirs, data_dir=None, tta: bool = True,
         names = [str(w) for w in workdirs]
     reports, errors, dirs = {}, {}, []
     for w, name in zip(workdirs, names):
-        report, errors[name], out_dir = evaluate_run(w, data_dir, tta, decode_method, refine)
+        report, errors[name], out_dir = evaluate_run(w, data_dir, tta, decode_method, refine,
+                                                     presence)
         reports[str(w)] = report
         dirs.append(out_dir)
         g = report["groups"]["all"]

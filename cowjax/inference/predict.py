@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from tqdm import tqdm
 
 from cowjax import anatomy, heatmaps
@@ -31,14 +33,17 @@ def _output_kind(path: Path) -> str:
 
 def prediction_dict(pred: Prediction) -> dict:
     """The ``.json`` output: landmarks with position, confidence, bifurcation probability; segments
-    with presence probability."""
+    with presence probability and, where the image measured it, their radius (mm)."""
+    radius = (pred.segment_radius_mm if pred.segment_radius_mm is not None
+              else np.full(anatomy.NUM_SEGMENTS, np.nan))
     return {
         "landmarks": {name: {"position_ras_mm": [float(v) for v in pred.landmarks[i]],
                              "confidence": float(pred.confidence[i]),
                              "bifurcation_prob": float(pred.bifurcation_prob[i]),
                              "bifurcation_branch_prob": float(pred.bifurcation_branch_prob[i])}
                       for i, name in enumerate(anatomy.LANDMARKS)},
-        "segments": {name: {"present_prob": float(pred.present_prob[j])}
+        "segments": {name: {"present_prob": float(pred.present_prob[j]),
+                            **({"radius_mm": float(radius[j])} if np.isfinite(radius[j]) else {})}
                      for j, name in enumerate(anatomy.SEGMENTS)},
     }
 
@@ -68,7 +73,8 @@ def _inputs(input_path: Path) -> list[tuple[str, Path]]:
 
 
 def run_predict(workdir, input, output, save_segmentation: bool = False, tta: bool = True,
-                decode_method: str = heatmaps.DEFAULT_METHOD, refine: bool = True) -> list[Path]:
+                decode_method: str = heatmaps.DEFAULT_METHOD, refine: bool = True,
+                presence: str = "image") -> list[Path]:
     """Predict landmarks for one image (``output`` is a file: .mrk.json, .json or .csv) or a
     directory of cases / images in any format ``io.load_image`` reads (``output`` is a directory:
     ``<case>.mrk.json`` and ``<case>.json`` each).
@@ -92,7 +98,7 @@ def run_predict(workdir, input, output, save_segmentation: bool = False, tta: bo
             raise CowjaxError(f"{output}: parent directory {output.parent} does not exist")
     items = _inputs(input_path)
     predictor = Predictor.from_workdir(workdir, refine=refine, tta=tta,
-                                       decode_method=decode_method)
+                                       decode_method=decode_method, presence=presence)
     if not single:
         output.mkdir(exist_ok=True)
     written = []

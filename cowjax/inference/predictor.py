@@ -35,13 +35,18 @@ from cowjax.registration import intensity
 
 # The mirror image (flip test-time augmentation): the same voxels with the world's x negated.
 MIRROR = np.diag([-1.0, 1.0, 1.0, 1.0])
+# Where segment presence comes from (``Predictor``'s ``presence``).
+PRESENCE = ("image", "network")
 
 
 @dataclasses.dataclass
 class Prediction:
     """One image's prediction. landmarks: [19, 3] world RAS mm; confidence: [19] (peak height, or
-    softmax mass for softmax-trained heatmaps); present_prob: [20] (the segment branch);
-    bifurcation_prob: [19], implied by ``present_prob`` through the cow19 rule
+    softmax mass for softmax-trained heatmaps); present_prob: [20] (of each variable segment from
+    the image, ``segment.presence_probability`` of ``segment_radius_mm``, where the image shows
+    both its ends; otherwise, and with ``presence="network"``, the segment branch's);
+    segment_radius_mm: [20], the radius the image shows (``segment.presence_radii``; NaN where not
+    measured); bifurcation_prob: [19], implied by ``present_prob`` through the cow19 rule
     (``anatomy.landmark_attributes`` on presence > 0.5: it measured better than the landmark
     branch on our validation split, 91.8% against 88.3%, and on held-out cases, BENCHMARKS.md);
     bifurcation_branch_prob: [19], the landmark attribute branch's own output;
@@ -52,6 +57,7 @@ class Prediction:
     confidence: np.ndarray
     bifurcation_branch_prob: np.ndarray
     present_prob: np.ndarray
+    segment_radius_mm: np.ndarray | None = None
     segmentation: np.ndarray | None = None
     head_segmentation: np.ndarray | None = None
 
@@ -105,6 +111,9 @@ class Predictor:
     refiner: the refinement stage (``Refiner``) that moves each landmark found, or None.
     decode_method: how the heatmaps are read (``heatmaps.METHODS``: "argmax" as the paper, or the
       default sub-voxel fit).
+    presence: where variable segments' presence comes from (``PRESENCE``): "image" (default; the
+      lumen between the predicted landmarks, ``segment.presence_radii``) or "network" (the segment
+      attribute branch, as the paper).
     forward: the network, ``(params, images [B, X, Y, Z, 1]) -> {"heatmaps": [B, x, y, z, 19]
       (log-probabilities for a spatial-softmax model), "segmentation": [B, X, Y, Z, 21] logits,
       "bifurcation_prob": [B, 19], "present_prob": [B, 20]}``. Default: the config's model
@@ -113,9 +122,13 @@ class Predictor:
 
     def __init__(self, config, params, batch_size: int | None = None,
                  margin_mm: float | None = None, flip: bool = True, refiner: Refiner | None = None,
-                 decode_method: str = heatmaps.DEFAULT_METHOD, forward=None):
+                 decode_method: str = heatmaps.DEFAULT_METHOD, presence: str = "image",
+                 forward=None):
         if decode_method not in heatmaps.METHODS:
             raise CowjaxError(f"decode {decode_method!r}: expected one of {heatmaps.METHODS}")
+        if presence not in PRESENCE:
+            raise CowjaxError(f"presence {presence!r}: expected one of {PRESENCE}")
+        self.presence = presence
         self.config = config
         self.flip = flip
         self.decode_method = decode_method
@@ -146,7 +159,8 @@ class Predictor:
         """The run's best checkpoint (``checkpoint.load_for_inference``); CowjaxError if none. With
         ``refine``, the refinement stage's too where the run has one (``<workdir>/refine``).
         ``tta=False`` turns test-time augmentation off (no mirror image, no shifted refinement
-        patches); with ``decode_method="argmax"`` too, a run is scored as the paper did."""
+        patches); with ``decode_method="argmax"`` and ``presence="network"`` too, a run is scored
+        as the paper did."""
         from cowjax.training import checkpoint
         config, params = _with_template(*checkpoint.load_for_inference(workdir), workdir)
         devices.use_matmul_precision(config)
@@ -162,7 +176,8 @@ class Predictor:
                 head_segmentation: bool = False) -> Prediction:
         """Landmarks of one image. image: [X, Y, Z] (any orientation, any size); affine: [4, 4]
         voxel -> world RAS mm. ``segmentation``: also the lumen labelled by the landmarks,
-        ``head_segmentation``: by the segmentation head (both on the input grid).
+        ``head_segmentation``: by the segmentation head (both on the input grid). With
+        ``presence="image"`` the variable segments' presence is then read off the image.
 
         With ``flip`` the image is also seen mirrored left-right (``MIRROR``), so the network meets
         a mirror image of the patient; its landmarks are mirrored back (x negated, _R and _L
@@ -178,8 +193,16 @@ class Predictor:
                 bifurcation_branch_prob=(pred.bifurcation_branch_prob
                                          + m.bifurcation_branch_prob[lm]) / 2,
                 present_prob=(pred.present_prob + m.present_prob[seg_idx]) / 2)
+        maps = None
+        if self.presence == "image":
+            maps = segment.contrast(image, affine)
+            radii = segment.presence_radii(image, affine, pred.landmarks, maps)
+            measured = np.isfinite(radii)
+            pred.segment_radius_mm = radii
+            pred.present_prob = np.where(measured, segment.presence_probability(radii),
+                                         pred.present_prob)
         if segmentation or head_segmentation:
-            lumen = segment.vessel_mask(image, affine)
+            lumen = segment.vessel_mask(image, affine, maps=maps)
             if segmentation:
                 pred.segmentation = segment.label_by_landmarks(lumen, affine, pred.landmarks)
             if head_segmentation:

@@ -14,13 +14,22 @@ segment in one of two ways:
   the evaluation reports beside the other).
 Measured on 4 cases of the independent held-out generator (2026-12-01, demo first network): mean
 Dice over the 20 segments 0.72 by the landmarks, 0.38 by the segmentation head (BENCHMARKS.md).
+
+Whether a variable segment exists is read off the image the same way (``presence_radii``): its
+lumen between the predicted end landmarks, and the radius its summed brightness implies, against
+the 0.5 mm line between present and hypoplastic. On every generator and resolution we measured it
+beat the network's segment branch, which misses absent P1 and A1 on cases unlike its training
+(BENCHMARKS.md, 2026-12-02).
 """
 
 from __future__ import annotations
 
-import numpy as np
-from scipy import ndimage
+from typing import NamedTuple
 
+import numpy as np
+from scipy import ndimage, special
+
+from cowjax import anatomy
 from cowjax.data import labels, preprocess
 
 # A tube's lumen: brighter than halfway from the local tissue level to the local peak.
@@ -32,14 +41,28 @@ TISSUE_WINDOW_MM = 12.0
 # A local peak must stand this far above the tissue (normalised intensity, 1 = the 99.9th
 # percentile of the image) to be a vessel at all: noise and texture stay out.
 MIN_CONTRAST = 0.25
+# The lumen read for segment presence (``presence_radii``): a quarter of the way to the local peak,
+# so a thin vessel beside a large one stays in (chosen on our own generator's cases, 2026-12-02,
+# BENCHMARKS.md).
+QUARTER_MAXIMUM = 0.25
+# How far from a segment's labelled voxels its blurred brightness is summed, and the logistic's
+# width in ``presence_probability`` (mm).
+PRESENCE_REACH_MM = 1.5
+PRESENCE_SCALE_MM = 0.1
 
 
-def vessel_mask(image: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Bright tubes at the image's own resolution: [X, Y, Z] image, [4, 4] affine -> bool mask.
+class Contrast(NamedTuple):
+    """An image's vessel contrast at its own resolution (``contrast``): every map [X, Y, Z] in
+    normalised intensity (1 = the 99.9th percentile). zooms: [3] voxel size (mm)."""
+    image: np.ndarray    # normalised
+    smooth: np.ndarray   # slightly smoothed (sigma 0.3 mm)
+    peak: np.ndarray     # the brightest smoothed voxel within PEAK_WINDOW_MM
+    tissue: np.ndarray   # the local tissue level (median over TISSUE_WINDOW_MM)
+    zooms: np.ndarray
 
-    Each voxel is compared with its neighbourhood, so a distal vessel fainter than the ICA (inflow
-    fades along the tree) keeps its own half-maximum edge.
-    """
+
+def contrast(image: np.ndarray, affine: np.ndarray) -> Contrast:
+    """The maps ``vessel_mask`` and ``presence_radii`` read: [X, Y, Z] image, [4, 4] affine."""
     zooms = np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
     image = preprocess.normalise_intensity(image)
     smooth = ndimage.gaussian_filter(image, 0.3 / zooms)
@@ -51,7 +74,85 @@ def vessel_mask(image: np.ndarray, affine: np.ndarray) -> np.ndarray:
     grid = np.meshgrid(*[np.arange(n) / s for n, s in zip(image.shape, step)], indexing="ij",
                        sparse=True)
     tissue = ndimage.map_coordinates(coarse, np.broadcast_arrays(*grid), order=1, mode="nearest")
-    return (smooth > tissue + HALF_MAXIMUM * (peak - tissue)) & (peak - tissue > MIN_CONTRAST)
+    return Contrast(image, smooth, peak, tissue, zooms)
+
+
+def vessel_mask(image: np.ndarray, affine: np.ndarray, fraction: float = HALF_MAXIMUM,
+                maps: Contrast | None = None) -> np.ndarray:
+    """Bright tubes at the image's own resolution: [X, Y, Z] image, [4, 4] affine -> bool mask.
+
+    Each voxel is compared with its neighbourhood, so a distal vessel fainter than the ICA (inflow
+    fades along the tree) keeps its own edge: brighter than ``fraction`` of the way from the tissue
+    to the local peak. ``maps``: ``contrast(image, affine)`` when already computed.
+    """
+    c = maps if maps is not None else contrast(image, affine)
+    return ((c.smooth > c.tissue + fraction * (c.peak - c.tissue))
+            & (c.peak - c.tissue > MIN_CONTRAST))
+
+
+def presence_radii(image: np.ndarray, affine: np.ndarray, landmarks: np.ndarray,
+                   maps: Contrast | None = None) -> np.ndarray:
+    """The mean radius (mm) of each variable segment as the image shows it between its two end
+    landmarks ([19, 3] world RAS mm, predicted): [20], NaN for the segments that always exist and
+    where an end landmark is not on a vessel (no evidence either way).
+
+    A thin vessel beside a large one stays below half the local peak, so the lumen here is the
+    ``QUARTER_MAXIMUM`` mask, labelled by the landmarks (``labels.derive_segments``: an absent
+    segment has no in-lumen path between its ends and gets no voxels). Its radius does not come
+    from counting voxels (at 1 mm the thinnest lumen kept is one voxel, radius 0.56 mm, whatever
+    the vessel): blur and partial volume spread a vessel's brightness but keep its sum over the
+    cross-section, so the contrast above the tissue summed within ``PRESENCE_REACH_MM`` of the
+    segment's voxels is pi r^2 x length x the lumen's full brightness. That brightness is the
+    brightest contrast within ``PRESENCE_REACH_MM`` + 1 mm of the two end landmarks (the larger
+    vessels the segment joins: inflow fades along the tree, so a global one would shrink distal
+    segments).
+    """
+    landmarks = np.asarray(landmarks, np.float64)
+    c = maps if maps is not None else contrast(image, affine)
+    affine = np.asarray(affine, np.float64)
+    segments = labels.derive_segments(vessel_mask(image, affine, QUARTER_MAXIMUM, c), affine,
+                                      landmarks)
+    radii = np.full(anatomy.NUM_SEGMENTS, np.nan)
+    if not segments.any():
+        return radii
+    # Each voxel near the labelled lumen counts for the segment of its nearest labelled voxel.
+    dist, nearest = ndimage.distance_transform_edt(segments == 0, sampling=c.zooms,
+                                                   return_indices=True)
+    owner = np.where(dist <= PRESENCE_REACH_MM, segments[tuple(nearest)], 0)
+    mass = ndimage.sum_labels(c.image - c.tissue, owner, np.arange(1, anatomy.NUM_CLASSES))
+    mass *= float(np.prod(c.zooms))
+    on_vessel = c.smooth - c.tissue
+    for s, name in enumerate(anatomy.SEGMENTS):
+        if name not in anatomy.VARIABLE_SEGMENTS:
+            continue
+        ends = landmarks[[anatomy.LANDMARK_INDEX[n] for n in anatomy.SEGMENT_ENDS[name]]]
+        brightness = [_brightest_near(on_vessel, affine, p, PRESENCE_REACH_MM + 1.0) for p in ends]
+        if min(brightness) <= MIN_CONTRAST:   # an end off every vessel, or off the image
+            continue
+        length = max(float(np.linalg.norm(ends[0] - ends[1])), 1e-3)
+        radii[s] = np.sqrt(max(mass[s], 0.0) / (np.pi * np.mean(brightness) * length))
+    return radii
+
+
+def presence_probability(radii: np.ndarray) -> np.ndarray:
+    """P(segment present) from ``presence_radii``: a logistic in the radius, 0.5 at
+    ``anatomy.HYPOPLASTIC_RADIUS`` (the line between present and hypoplastic), NaN kept."""
+    return special.expit((np.asarray(radii) - anatomy.HYPOPLASTIC_RADIUS) / PRESENCE_SCALE_MM)
+
+
+def _brightest_near(values: np.ndarray, affine: np.ndarray, point: np.ndarray,
+                    radius_mm: float) -> float:
+    """The largest of ``values`` [X, Y, Z] within ``radius_mm`` (a box) of a world ``point``;
+    -inf when the box misses the image or the point is unknown."""
+    if not np.all(np.isfinite(point)):
+        return -np.inf
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    centre = np.round(preprocess.world_to_voxel(point[None], affine)[0]).astype(int)
+    half = np.ceil(radius_mm / zooms).astype(int)
+    lo, hi = np.maximum(centre - half, 0), np.minimum(centre + half + 1, values.shape)
+    if np.any(hi <= lo):
+        return -np.inf
+    return float(values[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].max())
 
 
 def _odd(n) -> np.ndarray:
