@@ -57,7 +57,8 @@ def _landmark_geodesics(vessels, affine, landmarks, snap_mm):
 
 
 def derive_segments(vessels: np.ndarray, affine: np.ndarray, landmarks: np.ndarray,
-                    snap_mm: float = 3.0, max_detour: float = 2.0) -> np.ndarray:
+                    snap_mm: float = 3.0, max_detour: float = 2.0,
+                    radius_mm: float | None = None) -> np.ndarray:
     """Divide a binary vessel mask into the 20 segments by the landmarks.
 
     vessels: [X, Y, Z] bool; affine: its voxel -> world; landmarks: [19, 3] world RAS (NaN unknown).
@@ -66,7 +67,9 @@ def derive_segments(vessels: np.ndarray, affine: np.ndarray, landmarks: np.ndarr
     path longer than ``max_detour`` x the straight distance (+5 mm) goes round the circle, i.e. the
     segment is absent. The basilar artery (its lower end has no landmark) is the mask below BA_top
     geodesically closest to it, up to the template BA length. Everything else is background.
-    Returns [X, Y, Z] uint8 classes 0..20.
+    The excess allowed is 2.5 x the segment's radius + a voxel, with ``anatomy.RADII`` (None) or
+    one ``radius_mm`` for every segment (a wide segment then no longer takes the ends of a narrow
+    one that joins it). Returns [X, Y, Z] uint8 classes 0..20.
     """
     landmarks = np.asarray(landmarks, np.float64)
     dist, flat, world = _landmark_geodesics(vessels, affine, landmarks, snap_mm)
@@ -85,7 +88,7 @@ def derive_segments(vessels: np.ndarray, affine: np.ndarray, landmarks: np.ndarr
         straight = np.linalg.norm(landmarks[ia] - landmarks[ib])
         if not np.isfinite(d_ab) or d_ab > max_detour * straight + 5.0:
             continue
-        tol = 2.5 * anatomy.RADII[name] + voxel_mm
+        tol = 2.5 * (anatomy.RADII[name] if radius_mm is None else radius_mm) + voxel_mm
         score[s] = (dist[ia] + dist[ib] - d_ab) / tol
     top = anatomy.LANDMARK_INDEX["BA_top"]
     ba_len = np.linalg.norm(anatomy.TEMPLATE[anatomy.VBJ] - anatomy.TEMPLATE["BA_top"])

@@ -49,6 +49,10 @@ QUARTER_MAXIMUM = 0.25
 # width in ``presence_probability`` (mm).
 PRESENCE_REACH_MM = 1.5
 PRESENCE_SCALE_MM = 0.1
+# The lumen is divided among the segments with one tolerance for all (``labels.derive_segments``'s
+# ``radius_mm``): with each segment's typical radius the A1 and A2 took the ends of the ACoA, whose
+# radius then read 0.4-0.48 mm (BENCHMARKS.md, 2026-12-02).
+PRESENCE_LABEL_RADIUS_MM = 1.0
 
 
 class Contrast(NamedTuple):
@@ -97,8 +101,9 @@ def presence_radii(image: np.ndarray, affine: np.ndarray, landmarks: np.ndarray,
     where an end landmark is not on a vessel (no evidence either way).
 
     A thin vessel beside a large one stays below half the local peak, so the lumen here is the
-    ``QUARTER_MAXIMUM`` mask, labelled by the landmarks (``labels.derive_segments``: an absent
-    segment has no in-lumen path between its ends and gets no voxels). Its radius does not come
+    ``QUARTER_MAXIMUM`` mask, labelled by the landmarks (``labels.derive_segments`` with one
+    tolerance for every segment: an absent segment has no in-lumen path between its ends and gets
+    no voxels). Its radius does not come
     from counting voxels (at 1 mm the thinnest lumen kept is one voxel, radius 0.56 mm, whatever
     the vessel): blur and partial volume spread a vessel's brightness but keep its sum over the
     cross-section, so the contrast above the tissue summed within ``PRESENCE_REACH_MM`` of the
@@ -111,7 +116,7 @@ def presence_radii(image: np.ndarray, affine: np.ndarray, landmarks: np.ndarray,
     c = maps if maps is not None else contrast(image, affine)
     affine = np.asarray(affine, np.float64)
     segments = labels.derive_segments(vessel_mask(image, affine, QUARTER_MAXIMUM, c), affine,
-                                      landmarks)
+                                      landmarks, radius_mm=PRESENCE_LABEL_RADIUS_MM)
     radii = np.full(anatomy.NUM_SEGMENTS, np.nan)
     if not segments.any():
         return radii
