@@ -208,7 +208,9 @@ NETWORK_PRESENCE = "network"
 def _evaluation(workdir: Path, data_dir, record_path: Path, tag: str, **inference) -> dict:
     """One run's evaluation record: {"data", "inference", "cases", "errors_mm" [cases, 19] (None
     unknown), "summary" (evaluate's, all cases), "report"}; re-used while newer than the run's
-    checkpoints. inference: ``evaluate.evaluate_run``'s keyword arguments (default: its own)."""
+    checkpoints. inference: ``evaluate.evaluate_run``'s keyword arguments (default: its own),
+    segment presence always the network's (``NETWORK_PRESENCE``)."""
+    inference = {**inference, "presence": NETWORK_PRESENCE}
     data = None if data_dir is None else str(Path(data_dir).resolve())
     if record_path.is_file() and record_path.stat().st_mtime > _checkpoint_mtime(workdir):
         record = json.loads(record_path.read_text(encoding="utf-8"))
@@ -438,7 +440,7 @@ def run_ablation(base: ml_collections.ConfigDict, workdir, seeds: int = 3, data_
     out_dir = root if data_dir is None else root / "eval" / Path(data_dir).name
     out_dir.mkdir(parents=True, exist_ok=True)
     records = {name: _evaluation(root / name, data_dir, out_dir / "evaluations" / f"{name}.json",
-                                 f"[{i + 1}/{len(runs)}]", presence=NETWORK_PRESENCE)
+                                 f"[{i + 1}/{len(runs)}]")
                for i, name in enumerate(runs)}
     first_name, first = next(iter(runs.items()))
     steps = _steps(root / first_name, first)
@@ -470,7 +472,6 @@ def evaluate_sweep(workdir, data_dir=None, command: str | None = None, **inferen
     ``data_dir``: in ``<workdir>/eval/<data_dir's name>/``). inference: ``evaluate.evaluate_run``'s
     keyword arguments (``tta``, ``decode_method``, ``refine``; presence is always the network's).
     Returns the report."""
-    inference = {**inference, "presence": NETWORK_PRESENCE}
     root = Path(workdir)
     dirs = sweep.member_dirs(root)
     runs = {}

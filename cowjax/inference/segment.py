@@ -103,14 +103,13 @@ def presence_radii(image: np.ndarray, affine: np.ndarray, landmarks: np.ndarray,
     A thin vessel beside a large one stays below half the local peak, so the lumen here is the
     ``QUARTER_MAXIMUM`` mask, labelled by the landmarks (``labels.derive_segments`` with one
     tolerance for every segment: an absent segment has no in-lumen path between its ends and gets
-    no voxels). Its radius does not come
-    from counting voxels (at 1 mm the thinnest lumen kept is one voxel, radius 0.56 mm, whatever
-    the vessel): blur and partial volume spread a vessel's brightness but keep its sum over the
-    cross-section, so the contrast above the tissue summed within ``PRESENCE_REACH_MM`` of the
-    segment's voxels is pi r^2 x length x the lumen's full brightness. That brightness is the
-    brightest contrast within ``PRESENCE_REACH_MM`` + 1 mm of the two end landmarks (the larger
-    vessels the segment joins: inflow fades along the tree, so a global one would shrink distal
-    segments).
+    no voxels). Its radius does not come from counting voxels (at 1 mm the thinnest lumen kept is
+    one voxel, radius 0.56 mm, whatever the vessel): blur and partial volume spread a vessel's
+    brightness but keep its sum over the cross-section, so the contrast above the tissue summed
+    within ``PRESENCE_REACH_MM`` of the segment's voxels is pi r^2 x length x the lumen's full
+    brightness. That brightness is the brightest contrast within ``PRESENCE_REACH_MM`` + 1 mm of
+    the two end landmarks (the larger vessels the segment joins: inflow fades along the tree, so a
+    global one would shrink distal segments).
     """
     landmarks = np.asarray(landmarks, np.float64)
     c = maps if maps is not None else contrast(image, affine)
@@ -120,11 +119,17 @@ def presence_radii(image: np.ndarray, affine: np.ndarray, landmarks: np.ndarray,
     radii = np.full(anatomy.NUM_SEGMENTS, np.nan)
     if not segments.any():
         return radii
-    # Each voxel near the labelled lumen counts for the segment of its nearest labelled voxel.
-    dist, nearest = ndimage.distance_transform_edt(segments == 0, sampling=c.zooms,
+    # Each voxel near the labelled lumen counts for the segment of its nearest labelled voxel:
+    # only the labelled voxels' bounding box, grown by the reach, can hold one.
+    pad = np.ceil(PRESENCE_REACH_MM / c.zooms).astype(int) + 1
+    labelled = np.argwhere(segments)
+    box = tuple(slice(max(lo - p, 0), hi + p + 1)
+                for lo, hi, p in zip(labelled.min(axis=0), labelled.max(axis=0), pad))
+    dist, nearest = ndimage.distance_transform_edt(segments[box] == 0, sampling=c.zooms,
                                                    return_indices=True)
-    owner = np.where(dist <= PRESENCE_REACH_MM, segments[tuple(nearest)], 0)
-    mass = ndimage.sum_labels(c.image - c.tissue, owner, np.arange(1, anatomy.NUM_CLASSES))
+    owner = np.where(dist <= PRESENCE_REACH_MM, segments[box][tuple(nearest)], 0)
+    mass = ndimage.sum_labels(c.image[box] - c.tissue[box], owner,
+                              np.arange(1, anatomy.NUM_CLASSES))
     mass *= float(np.prod(c.zooms))
     on_vessel = c.smooth - c.tissue
     for s, name in enumerate(anatomy.SEGMENTS):
