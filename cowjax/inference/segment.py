@@ -125,18 +125,18 @@ def presence_radii(image: np.ndarray, affine: np.ndarray, landmarks: np.ndarray,
     labelled = np.argwhere(segments)
     box = tuple(slice(max(lo - p, 0), hi + p + 1)
                 for lo, hi, p in zip(labelled.min(axis=0), labelled.max(axis=0), pad))
-    dist, nearest = ndimage.distance_transform_edt(segments[box] == 0, sampling=c.zooms,
+    local = segments[box]
+    dist, nearest = ndimage.distance_transform_edt(local == 0, sampling=c.zooms,
                                                    return_indices=True)
-    owner = np.where(dist <= PRESENCE_REACH_MM, segments[box][tuple(nearest)], 0)
+    owner = np.where(dist <= PRESENCE_REACH_MM, local[tuple(nearest)], 0)
     mass = ndimage.sum_labels(c.image[box] - c.tissue[box], owner,
                               np.arange(1, anatomy.NUM_CLASSES))
     mass *= float(np.prod(c.zooms))
-    on_vessel = c.smooth - c.tissue
     for s, name in enumerate(anatomy.SEGMENTS):
         if name not in anatomy.VARIABLE_SEGMENTS:
             continue
         ends = landmarks[[anatomy.LANDMARK_INDEX[n] for n in anatomy.SEGMENT_ENDS[name]]]
-        brightness = [_brightest_near(on_vessel, affine, p, PRESENCE_REACH_MM + 1.0) for p in ends]
+        brightness = [_brightest_near(c, affine, p, PRESENCE_REACH_MM + 1.0) for p in ends]
         if min(brightness) <= MIN_CONTRAST:   # an end off every vessel, or off the image
             continue
         length = max(float(np.linalg.norm(ends[0] - ends[1])), 1e-3)
@@ -150,19 +150,19 @@ def presence_probability(radii: np.ndarray) -> np.ndarray:
     return special.expit((np.asarray(radii) - anatomy.HYPOPLASTIC_RADIUS) / PRESENCE_SCALE_MM)
 
 
-def _brightest_near(values: np.ndarray, affine: np.ndarray, point: np.ndarray,
+def _brightest_near(c: Contrast, affine: np.ndarray, point: np.ndarray,
                     radius_mm: float) -> float:
-    """The largest of ``values`` [X, Y, Z] within ``radius_mm`` (a box) of a world ``point``;
-    -inf when the box misses the image or the point is unknown."""
+    """The largest smoothed contrast above the tissue within ``radius_mm`` (a box) of a world
+    ``point``; -inf when the box misses the image or the point is unknown."""
     if not np.all(np.isfinite(point)):
         return -np.inf
-    zooms = np.linalg.norm(affine[:3, :3], axis=0)
     centre = np.round(preprocess.world_to_voxel(point[None], affine)[0]).astype(int)
-    half = np.ceil(radius_mm / zooms).astype(int)
-    lo, hi = np.maximum(centre - half, 0), np.minimum(centre + half + 1, values.shape)
+    half = np.ceil(radius_mm / c.zooms).astype(int)
+    lo, hi = np.maximum(centre - half, 0), np.minimum(centre + half + 1, c.smooth.shape)
     if np.any(hi <= lo):
         return -np.inf
-    return float(values[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].max())
+    near = tuple(slice(a, b) for a, b in zip(lo, hi))
+    return float((c.smooth[near] - c.tissue[near]).max())
 
 
 def _odd(n) -> np.ndarray:
