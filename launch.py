@@ -53,6 +53,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "eval, ablate: cases with grou
                                 "(default: the run's own test split).")
 _SEEDS = flags.DEFINE_integer("seeds", 3, "ablate: seeds per arm (at least 1).")
 _SAVE_SEG = flags.DEFINE_bool("save_segmentation", False, "predict: also write segment labels.")
+_FIGURE = flags.DEFINE_bool("figure", False, "predict: also write a PNG of the image's MIPs with "
+                            "the predicted landmarks (and segments with --save_segmentation).")
 _EVAL = flags.DEFINE_bool("eval", True, "train: evaluate the best checkpoints on the test split "
                           "after training (--noeval: stop after training).")
 _WINDOWS = flags.DEFINE_integer("windows_per_call", 0, "predict, eval: inference windows per "
@@ -119,7 +121,8 @@ def _run() -> None:
         if not _first_process_alone():
             return
         predict.run_predict(workdir, _INPUT.value, _OUTPUT.value,
-                            save_segmentation=_SAVE_SEG.value, **_inference_flags())
+                            save_segmentation=_SAVE_SEG.value, figure=_FIGURE.value,
+                            **_inference_flags())
     elif mode == "register":
         if not (_FIXED.value and _MOVING.value and _OUTPUT.value):
             raise _usage("--mode=register needs --fixed, --moving and --output")

@@ -66,6 +66,13 @@ def validate(config) -> None:
     _at_least(config, "train.steps_per_call", 0, "0 (auto) or positive")
     _at_least(config, "data.num_workers", 0)
     _at_least(config, "data.segment_growth_mm", 0.0)
+    share, sides = (config.data.augment.get("fov_cut", 0.0),
+                    tuple(config.data.augment.get("fov_cut_mm", (40.0, 90.0))))
+    if not 0.0 <= share <= 1.0:
+        raise CowjaxError(f"config.data.augment.fov_cut={share} must be a share, 0 to 1")
+    if len(sides) != 2 or not 0 < sides[0] <= sides[1]:
+        raise CowjaxError(f"config.data.augment.fov_cut_mm={sides}: expected (smallest, largest) "
+                          f"side in mm, 0 < smallest <= largest")
     for name in ("w_heatmap", "w_segmentation", "w_landmark_attr", "w_segment_attr",
                  "w_consistency"):
         _at_least(config, f"loss.{name}", 0.0, "0 (off) or more")

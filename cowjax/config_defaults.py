@@ -71,6 +71,9 @@ def default_config() -> ml_collections.ConfigDict:
     a.intensity = 0.0                     # gamma / contrast jitter strength
     a.noise = 0.0                         # additive Gaussian noise std (normalised units)
     a.flip = False                        # left-right flip with channel mirroring
+    a.fov_cut = 0.0                       # share of examples whose image is cut to a small random box
+                                          # (zero outside), as a scan cropped to the circle arrives
+    a.fov_cut_mm = (40.0, 90.0)           # ... its side, drawn per axis from this range (mm)
 
     c.model = m = ml_collections.ConfigDict()
     m.widths = (16, 32, 64, 128)
@@ -178,7 +181,8 @@ def refine_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     """The full config of the refinement stage: ``config`` with ``config.refine`` applied.
 
     Heatmaps at full resolution, trained with the spatial-softmax loss alone (the prior is added to
-    its logits at inference); the augmentation other than translation is the first stage's.
+    its logits at inference); the augmentation other than translation and the field-of-view cut
+    is the first stage's.
     """
     r = config.refine
     c = ml_collections.ConfigDict(config.to_dict())
@@ -186,6 +190,7 @@ def refine_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     c.num_epochs = 0                      # the refinement stage counts steps, not epochs
     c.data.spacing, c.data.crop_shape = tuple(r.spacing), tuple(r.crop_shape)
     c.data.heatmap_sigma_mm, c.data.augment.translate_mm = r.heatmap_sigma_mm, r.translate_mm
+    c.data.augment.fov_cut = 0.0          # its patches are smaller than any field of view
     c.data.crop_centre = "landmark"
     c.model.widths, c.model.heatmap_stride, c.model.segmentation_stride = tuple(r.widths), 1, 1
     c.loss.heatmap = "softmax_ce"

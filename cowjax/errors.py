@@ -27,12 +27,25 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# What a plain open() or mkdir() would give: temporary files start private (0600, 0700), and an
+# output renamed into place keeps that mode, unreadable to the user's group.
+_UMASK = _umask()
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     So an interrupted or failed write never leaves a partial output file. The temporary name keeps
-    the suffixes of ``path`` (``.nii.gz``, ``.mrk.json``) so writers that dispatch on them work.
+    the suffixes of ``path`` (``.nii.gz``, ``.mrk.json``) so writers that dispatch on them work;
+    the file gets the mode a plain ``open`` would give (``FILE_MODE``, from the umask).
     """
     path = Path(path)
     if not path.parent.exists():
@@ -42,6 +55,7 @@ def atomic_output(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -59,7 +73,7 @@ def atomic_output_dir(path: str | os.PathLike):
         yield tmp
         if path.exists():
             shutil.rmtree(path)
-        tmp.chmod(0o755)
+        tmp.chmod(DIR_MODE)
         tmp.rename(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

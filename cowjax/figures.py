@@ -129,6 +129,58 @@ def landmark_mips(path, image, grid_affine, true_ras, pred_ras, title: str) -> P
     return _save(fig, path)
 
 
+def prediction_mips(path, image, grid_affine, landmarks, title: str, labels=None) -> Path:
+    """What ``--mode=predict --figure`` writes for one image: axial and coronal MIPs (``_mip``) with
+    the predicted landmarks named, and where ``labels`` is given a second row with the segments in
+    colour and their legend.
+
+    image and labels: [X, Y, Z] on one RAS-aligned grid (``grid_affine`` diagonal + origin);
+    landmarks: [19, 3] RAS mm.
+    """
+    rows = 1 if labels is None else 2
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 5 * rows), squeeze=False)
+    for ax, view in zip(axes[0], _VIEWS):
+        a, b = _mip(ax, image, grid_affine, view)
+        ax.scatter(landmarks[:, a], landmarks[:, b], s=22, facecolors="none", edgecolors="red",
+                   linewidths=1.3)
+        for name, p in zip(anatomy.LANDMARKS, landmarks):
+            ax.annotate(name, (p[a], p[b]), xytext=(3, 3), textcoords="offset points",
+                        color="cyan", fontsize=6)
+        ax.set_title(f"{view} MIP, predicted landmarks")
+    if labels is not None:
+        for ax, view in zip(axes[1], _VIEWS):
+            _mip(ax, image, grid_affine, view, labels)
+            ax.set_title(f"{view} MIP, segments")
+        handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in SEGMENT_COLOURS]
+        fig.legend(handles, anatomy.SEGMENTS, loc="center right", fontsize=7, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.88 if labels is not None else 1, 1))
+    return _save(fig, path)
+
+
+def compare_images(path, images: dict[str, tuple[np.ndarray, np.ndarray]], slab_mm: float,
+                   title: str) -> Path:
+    """Images side by side, one column each: axial and coronal MIPs (``_mip``) and an axial MIP
+    of a ``slab_mm`` slab through the middle (tissue texture and noise, which a full MIP hides).
+
+    images: {column title: (image [X, Y, Z], grid_affine)}, each on a RAS-aligned grid.
+    """
+    fig, axes = plt.subplots(3, len(images), figsize=(4.2 * len(images), 11), squeeze=False)
+    for col, (name, (image, grid_affine)) in enumerate(images.items()):
+        for row, view in enumerate(_VIEWS):
+            _mip(axes[row, col], image, grid_affine, view)
+            axes[row, col].set_title(f"{name}\n{view} MIP", fontsize=9)
+        half = max(1, round(slab_mm / 2 / grid_affine[2, 2]))
+        middle = image.shape[2] // 2
+        slab_affine = grid_affine.copy()
+        slab_affine[2, 3] += (middle - half) * grid_affine[2, 2]
+        _mip(axes[2, col], image[..., middle - half:middle + half], slab_affine, "axial")
+        axes[2, col].set_title(f"{name}\naxial {slab_mm:g} mm slab", fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def segment_mips(path, image, grid_affine, labels_by_row: dict[str, np.ndarray],
                  title: str) -> Path:
     """Axial and coronal MIPs (``_mip``) with segment labels in colour, one row per labelling (e.g.

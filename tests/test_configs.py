@@ -161,13 +161,18 @@ def test_epochs_count_nothing_by_default():
                                          "a multiple of 2"),
     ("data", "split_counts", (2, 1), "config.data.split_counts = (2, 1): expected three"),
     ("data", "split", (0.5, -0.1, 0.6), "config.data.split = "),
+    ("data.augment", "fov_cut", 1.5, "config.data.augment.fov_cut=1.5 must be a share"),
+    ("data.augment", "fov_cut_mm", (50.0, 40.0), "config.data.augment.fov_cut_mm=(50.0, 40.0)"),
     (None, "batch_size", 0, "config.batch_size=0 must be positive"),
     (None, "num_train_steps", 0, "config.num_train_steps=0 must be at least 1"),
 ])
 def test_validate_names_the_first_bad_field(group, field, value, message):
     config = test_config.get_config()
     config_check.validate(config)                        # the test config itself is valid
-    (config[group] if group else config)[field] = value
+    target = config
+    for key in group.split(".") if group else ():
+        target = target[key]
+    target[field] = value
     with pytest.raises(CowjaxError, match=re.escape(message)):
         config_check.validate(config)
 

@@ -3,6 +3,8 @@ any format, bad files fail clearly."""
 
 import gzip
 import json
+import os
+import stat
 
 import nibabel as nib
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 
 from cowjax import anatomy
 from cowjax.data import io
+from cowjax import errors
 from cowjax.errors import CowjaxError
 
 
@@ -353,3 +356,23 @@ def test_colour_table(tmp_path):
     assert len({tuple(v) for v in values[1:, :3]}) == 20               # 20 distinct colours
     with pytest.raises(CowjaxError, match="must end in .ctbl or .txt"):
         io.write_colour_table(tmp_path / "cow19.csv")
+
+
+def test_outputs_appear_whole_and_with_the_mode_open_would_give(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert errors.FILE_MODE == 0o666 & ~umask and errors.DIR_MODE == 0o777 & ~umask
+    with errors.atomic_output(tmp_path / "a.mrk.json") as tmp:
+        assert tmp.name.endswith(".mrk.json")
+        tmp.write_text("{}")
+    with pytest.raises(RuntimeError):
+        with errors.atomic_output(tmp_path / "b.csv") as tmp:
+            tmp.write_text("half of it")
+            raise RuntimeError("interrupted")
+    with errors.atomic_output_dir(tmp_path / "folder") as tmp:
+        (tmp / "inside.txt").write_text("x")
+    # No partial or temporary file left; the outputs readable as any file the user writes
+    # (temporary files start 0600).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mrk.json", "folder"]
+    assert stat.S_IMODE((tmp_path / "a.mrk.json").stat().st_mode) == errors.FILE_MODE
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == errors.DIR_MODE

@@ -259,6 +259,25 @@ def test_directories_of_cases_and_of_images(workdir, tmp_path):
                                    first, atol=1e-3)
 
 
+def test_figure_shows_the_prediction_on_the_image(workdir, tmp_path):
+    import matplotlib.image
+    img, affine = _image()
+    io.save_image(tmp_path / "img.nii.gz", img, affine)
+    # An oblique image: the figure is drawn on a RAS-aligned grid.
+    (tmp_path / "images").mkdir()
+    io.save_image(tmp_path / "images" / "tilted.nii.gz", img, _affine((1.5, 1.5, 1.5), 20.0))
+    single = predict.run_predict(workdir, tmp_path / "img.nii.gz", tmp_path / "out.mrk.json",
+                                 save_segmentation=True, figure=True)
+    many = predict.run_predict(workdir, tmp_path / "images", tmp_path / "out", figure=True)
+    assert tmp_path / "out.png" in single and tmp_path / "out" / "tilted.png" in many
+    with_segments = matplotlib.image.imread(tmp_path / "out.png")
+    landmarks_only = matplotlib.image.imread(tmp_path / "out" / "tilted.png")
+    # Two rows of MIPs (landmarks, segments) against one; not a blank canvas.
+    assert with_segments.shape[0] > 1.6 * landmarks_only.shape[0]
+    for picture in (with_segments, landmarks_only):
+        assert picture[..., :3].std() > 0.05
+
+
 def test_bad_inputs_raise_one_clear_error(workdir, tmp_path):
     img, affine = _image()
     io.save_image(tmp_path / "img.nii.gz", img, affine)

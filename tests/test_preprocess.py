@@ -174,6 +174,38 @@ def test_augmentation_is_deterministic_and_moves_landmarks_with_the_image():
         assert np.all(np.abs(peak - ex["landmarks"][k]) <= 1.0)
 
 
+def test_field_of_view_cut_keeps_a_box_round_the_circle_and_the_targets():
+    rng = np.random.default_rng(2)
+    shape, crop, spacing = (60, 56, 48), (40, 40, 32), np.array([2.0, 2.0, 2.0])
+    pre = {**_example(rng)[0], "image": rng.uniform(0.1, 1.0, shape).astype(np.float32),
+           "landmarks": rng.uniform(20, 36, (anatomy.NUM_LANDMARKS, 3)), "segments": None}
+    base = {"translate_mm": 6.0, "rotate_deg": 0.0, "scale": 0.0, "elastic_mm": 0.0,
+            "elastic_spacing_mm": 24.0, "intensity": 0.2, "noise": 0.0, "flip": True}
+
+    def example(seed, **aug):
+        return augment.augment_example(pre, np.random.default_rng(seed), crop, spacing,
+                                       ml_collections.ConfigDict({**base, **aug}))
+
+    # Off, it draws nothing: the examples of a config without the field stay what they were.
+    for k, v in example(3).items():
+        np.testing.assert_array_equal(example(3, fov_cut=0.0, fov_cut_mm=(30.0, 50.0))[k], v)
+    for seed in range(4):
+        cut = example(seed, fov_cut=1.0, fov_cut_mm=(30.0, 50.0), flip=False, intensity=0.0)
+        whole = example(seed, flip=False, intensity=0.0)
+        kept = np.argwhere(cut["image"][..., 0] > 0)
+        sides_mm = (np.ptp(kept, axis=0) + 1) * spacing
+        assert np.all((sides_mm >= 30.0 - 2 * spacing) & (sides_mm <= 50.0 + 2 * spacing))
+        circle = cut["landmarks"][augment.CIRCLE_LANDMARKS].mean(axis=0)
+        middle = (kept.min(axis=0) + kept.max(axis=0)) / 2
+        assert np.all(np.abs(middle - circle) * spacing <= augment.FOV_CUT_SHIFT_MM + spacing)
+        # Within the box, the same image normalised on its own; the targets untouched.
+        box = tuple(slice(a, b + 1) for a, b in zip(kept.min(axis=0), kept.max(axis=0)))
+        np.testing.assert_allclose(cut["image"][box],
+                                   preprocess.normalise_intensity(whole["image"][box]), atol=1e-6)
+        for k in ("landmarks", "landmark_mask", "segments", "segment_attr"):
+            np.testing.assert_array_equal(cut[k], whole[k])
+
+
 def test_elastic_deformation_moves_landmarks_with_the_vessels():
     """Three bright blobs at three landmarks: after an elastic warp (plus rotation and scale)
     each blob's centre of mass is where the example says its landmark is, and the blobs no longer

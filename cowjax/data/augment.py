@@ -2,8 +2,8 @@
 
 An example is cut from a preprocessed case (canonical grid, see ``preprocess.preprocess_case``)
 around ``crop_centre``, moved by a random translation (the paper's augmentation), optionally rotated,
-scaled and elastically deformed (one resampling call), intensity-jittered, noised and left-right
-flipped with the mirrored channels swapped. The keys are those of a training batch (ARCHITECTURE.md)
+scaled and elastically deformed (one resampling call), cut to a smaller field of view,
+intensity-jittered, noised and left-right flipped with the mirrored channels swapped. The keys are those of a training batch (ARCHITECTURE.md)
 without the batch axis.
 """
 
@@ -153,6 +153,33 @@ def _warp(pre: dict, m: np.ndarray, offset: np.ndarray, crop_shape: np.ndarray, 
     return _finish(image, landmarks, segments, has_segments, pre, crop_shape)
 
 
+# The landmarks a field-of-view cut is centred on (a scan cropped to the circle centres on these).
+CIRCLE_LANDMARKS = np.array([anatomy.LANDMARK_INDEX[n] for n in (
+    "BA_top", "ICA_term_R", "ICA_term_L", "A1_A2_R", "A1_A2_L", "P1_P2_R", "P1_P2_L")])
+# How far the cut box's centre strays from the circle's (mm, per axis).
+FOV_CUT_SHIFT_MM = 8.0
+
+
+def cut_fov(example: dict, rng: np.random.Generator, spacing: np.ndarray, sides_mm) -> dict:
+    """The example with its image zero outside a random box: each side drawn from ``sides_mm``
+    (lo, hi), centred within ``FOV_CUT_SHIFT_MM`` of the circle's known junctions (the crop's
+    middle if none is known). Zero is what the predictor's windows hold beyond a scan's edge; the
+    box is normalised again on its own (``preprocess.normalise_intensity``), as a cropped scan
+    is; the targets stay, so the network learns where landmarks cut off by the edge lie."""
+    shape = np.array(example["image"].shape[:3])
+    circle = example["landmark_mask"][CIRCLE_LANDMARKS] > 0
+    centre = (example["landmarks"][CIRCLE_LANDMARKS][circle].mean(axis=0) if circle.any()
+              else (shape - 1) / 2)
+    centre = centre + rng.uniform(-1, 1, 3) * FOV_CUT_SHIFT_MM / spacing
+    half = rng.uniform(*sides_mm, size=3) / spacing / 2
+    lo = np.clip(np.round(centre - half).astype(int), 0, shape)
+    hi = np.clip(np.round(centre + half).astype(int) + 1, 0, shape)
+    image = np.zeros_like(example["image"])
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    image[box] = preprocess.normalise_intensity(example["image"][box])
+    return {**example, "image": image}
+
+
 def augment_example(pre: dict, rng: np.random.Generator, crop_shape, spacing, aug,
                     centre=None) -> dict:
     """A random training example from a preprocessed case.
@@ -176,6 +203,9 @@ def augment_example(pre: dict, rng: np.random.Generator, crop_shape, spacing, au
         example = _warp(pre, m, offset, crop_shape, field)
     else:
         example, _ = crop_example(pre, centre, crop_shape)
+    share = aug.get("fov_cut", 0.0)
+    if share and rng.uniform() < share:   # no draw when off: earlier runs' examples stay the same
+        example = cut_fov(example, rng, spacing, aug.fov_cut_mm)
     if aug.intensity:
         gamma = np.exp(rng.normal(0.0, aug.intensity))
         contrast = np.exp(rng.normal(0.0, aug.intensity / 2))

@@ -3,7 +3,7 @@
 Inputs: one image file, a folder of NIfTI images, or a folder of case folders (``io.list_cases``).
 Outputs by suffix (``write_prediction``): ``.mrk.json`` (3D Slicer markups, LPS), ``.json``
 (``prediction_dict``), ``.csv`` (name,x,y,z RAS); segment labels as ``<name>_segments.nii.gz`` on
-the input grid.
+the input grid; with ``figure``, MIPs of the image with the prediction as ``<name>.png``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cowjax import anatomy, heatmaps
-from cowjax.data import io
+from cowjax.data import io, preprocess
 from cowjax.errors import CowjaxError, atomic_output
 from cowjax.inference.predictor import Prediction, Predictor
 
@@ -59,6 +59,23 @@ def write_prediction(path, pred: Prediction) -> None:
         io.write_landmarks(path, pred.landmarks, confidences=pred.confidence)
 
 
+def write_figure(path, name: str, image: np.ndarray, affine: np.ndarray, pred: Prediction) -> Path:
+    """Axial and coronal MIPs of the image (on a RAS-aligned grid at its finest spacing) with the
+    predicted landmarks named, the variable segments read as absent in the title, and the
+    segment labels in colour where the prediction has them (``figures.prediction_mips``)."""
+    from cowjax import figures  # matplotlib: only loaded when a figure is asked for
+    spacing = float(np.min(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)))
+    grid_affine, grid_shape = preprocess.canonical_grid(affine, image.shape, (spacing,) * 3)
+    grid_image = preprocess.resample(np.asarray(image, np.float32), affine, grid_affine,
+                                     grid_shape, order=1)
+    labels = (None if pred.segmentation is None else
+              preprocess.resample(pred.segmentation, affine, grid_affine, grid_shape, order=0))
+    absent = [s for j, s in enumerate(anatomy.SEGMENTS)
+              if s in anatomy.VARIABLE_SEGMENTS and pred.present_prob[j] <= 0.5]
+    title = f"{name}: variable segments absent: {', '.join(absent) or 'none'}"
+    return figures.prediction_mips(path, grid_image, grid_affine, pred.landmarks, title, labels)
+
+
 def _inputs(input_path: Path) -> list[tuple[str, Path]]:
     """(case name, image path) for one image (a file, or a DICOM series folder), a folder of
     images, or a folder of cases."""
@@ -74,15 +91,17 @@ def _inputs(input_path: Path) -> list[tuple[str, Path]]:
 
 def run_predict(workdir, input, output, save_segmentation: bool = False, tta: bool = True,
                 decode_method: str = heatmaps.DEFAULT_METHOD, refine: bool = True,
-                presence: str = "image") -> list[Path]:
+                presence: str = "image", figure: bool = False) -> list[Path]:
     """Predict landmarks for one image (``output`` is a file: .mrk.json, .json or .csv) or a
     directory of cases / images in any format ``io.load_image`` reads (``output`` is a directory:
     ``<case>.mrk.json`` and ``<case>.json`` each).
 
     ``save_segmentation`` also writes segment labels on the input grid (``<case>_segments.nii.gz``,
     or ``<output stem>_segments.nii.gz`` next to a single output file) and their 3D Slicer colour
-    table (``segments.ctbl``, ``<output stem>_segments.ctbl``). ``tta``, ``decode_method``
-    and ``refine`` as ``Predictor.from_workdir``. Returns the written paths.
+    table (``segments.ctbl``, ``<output stem>_segments.ctbl``); ``figure`` a PNG of the image's
+    MIPs with the prediction (``<case>.png``, ``<output stem>.png``: ``write_figure``). ``tta``,
+    ``decode_method``, ``refine`` and ``presence`` as ``Predictor.from_workdir``. Returns the
+    written paths.
     """
     input_path, output = Path(input), Path(output)
     single = input_path.is_file() or io.is_image(input_path)
@@ -108,15 +127,19 @@ def run_predict(workdir, input, output, save_segmentation: bool = False, tta: bo
         if single:
             targets = [output]
             seg_path = output.parent / f"{stem}_segments.nii.gz"
+            figure_path = output.parent / f"{stem}.png"
         else:
             targets = [output / f"{name}.mrk.json", output / f"{name}.json"]
             seg_path = output / f"{name}_segments.nii.gz"
+            figure_path = output / f"{name}.png"
         for t in targets:
             write_prediction(t, pred)
         written += targets
         if save_segmentation:
             io.save_image(seg_path, pred.segmentation, affine)
             written.append(seg_path)
+        if figure:
+            written.append(write_figure(figure_path, name, image, affine, pred))
     if save_segmentation:  # the segments' names and colours for 3D Slicer, beside the label maps
         table = (output.parent / f"{stem}_segments.ctbl" if single
                  else output / "segments.ctbl")
