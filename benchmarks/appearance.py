@@ -1,13 +1,14 @@
-"""A real TOF-MRA beside our generator's and the held-out generator's images, at one field of view and
-resolution: the picture in the README (#19: does the generator look like real TOF-MRA?).
+"""A real TOF-MRA beside our generator's and the held-out generator's images, at one field of view
+and resolution: the picture in the README (does the generator look like real TOF-MRA?).
 
-    python benchmarks/appearance.py ../shared/real-mra/topcow_mr_crop.mha benchmarks/figures/appearance.png
+    python benchmarks/appearance.py ../shared/real-mra/topcow_mr_crop.mha \
+        benchmarks/figures/appearance.png
 
 The real image is shown whole; each synthetic case is cut to the same box (the real image's extent
-on a RAS-aligned grid at its finest spacing) centred on the circle (the mean of its junction
-landmarks), after being generated at the real image's voxel size. Columns: the real image, then
-``--cases`` cases of each generator (seed ``--seed``). Intensities are windowed per image (``_mip``:
-20th to 99.8th percentile), as each scanner's scale is arbitrary.
+on a RAS-aligned grid at its finest spacing) centred on the circle (the mean of its seven junction
+landmarks, ``augment.CIRCLE_LANDMARKS``), after being generated at the real image's voxel size.
+Columns: the real image, then ``--cases`` cases of each generator (seed ``--seed``). Intensities
+are windowed per image (20th to 99.8th percentile), as each scanner's scale is arbitrary.
 """
 
 from __future__ import annotations
@@ -22,13 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import heldout_mra  # noqa: E402
-from cowjax import anatomy, figures  # noqa: E402
-from cowjax.data import io, preprocess  # noqa: E402
+from cowjax import figures  # noqa: E402
+from cowjax.data import augment, io, preprocess  # noqa: E402
 from cowjax.data.synthetic import case as synthetic  # noqa: E402
-
-# The circle's junctions: the box around a synthetic case is centred on their mean.
-CIRCLE = ("BA_top", "ICA_term_R", "ICA_term_L", "A1_A2_R", "A1_A2_L", "P1_P2_R", "P1_P2_L")
-
+from cowjax.errors import CowjaxError  # noqa: E402
 
 def on_box(image, affine, centre, extent, spacing):
     """``image`` resampled onto the RAS-aligned box of ``extent`` mm (3,) centred at ``centre``."""
@@ -47,7 +45,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    real, real_affine = io.load_image(args.real)
+    try:
+        real, real_affine = io.load_image(args.real)
+    except CowjaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     zooms = np.linalg.norm(real_affine[:3, :3], axis=0)
     spacing = float(zooms.min())
     grid_affine, shape = preprocess.canonical_grid(real_affine, real.shape, (spacing,) * 3)
@@ -57,13 +59,12 @@ def main(argv=None) -> int:
                on_box(real, real_affine, centre, extent, spacing)}
     # The real image's voxel size along each world axis (R, A, S), for the generators' grids.
     world_zooms = zooms[np.argmax(np.abs(real_affine[:3, :3]), axis=1)]
-    circle = [anatomy.LANDMARK_INDEX[n] for n in CIRCLE]
     for k in range(args.cases):
         ours = synthetic.generate_case(args.seed, k, spacing=tuple(world_zooms))
         held, _ = heldout_mra.generate_case(args.seed, k, spacing=tuple(world_zooms))
         for name, case in ((f"ours, case {k}", ours), (f"held-out generator, case {k}", held)):
-            columns[name] = on_box(case.image, case.affine, case.landmarks[circle].mean(axis=0),
-                                   extent, spacing)
+            centre = case.landmarks[augment.CIRCLE_LANDMARKS].mean(axis=0)
+            columns[name] = on_box(case.image, case.affine, centre, extent, spacing)
     size = " x ".join(f"{e:.0f}" for e in extent)
     path = figures.compare_images(
         args.out, columns, slab_mm=3.0,

@@ -28,6 +28,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _umask() -> int:
+    """The process's umask (reading it means setting it; it is set straight back)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

@@ -44,3 +44,25 @@ def test_heldout_case_on_disk_landmarks_inside_and_bright(tmp_path):
     # Landmarks written in RAS (declared in the Slicer file) read back as the same RAS points.
     mod._write_ras_mrk(tmp_path / "ras.mrk.json", a.landmarks)
     np.testing.assert_allclose(io.read_landmarks(tmp_path / "ras.mrk.json"), a.landmarks, atol=1e-9)
+
+
+def test_appearance_figure_sets_a_real_image_beside_both_generators(tmp_path):
+    """benchmarks/appearance.py: one column for the real image and one per generated case."""
+    import matplotlib.image
+
+    spec = importlib.util.spec_from_file_location(
+        "appearance", _PATH.parent / "appearance.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    affine = np.diag([1.2, 1.2, 1.5, 1.0])
+    affine[:3, 3] = [-20.0, -15.0, -10.0]
+    image = np.random.default_rng(0).random((36, 30, 16)).astype(np.float32)
+    io.save_image(tmp_path / "real.mha", image, affine)
+    widths = []
+    for cases in (1, 2):
+        out = tmp_path / f"cases{cases}.png"
+        assert mod.main([str(tmp_path / "real.mha"), str(out), "--cases", str(cases)]) == 0
+        widths.append(matplotlib.image.imread(out).shape[1])
+    assert 1.5 < widths[1] / widths[0] < 1.8           # 5 columns against 3
+    assert mod.main([str(tmp_path / "missing.mha"), str(tmp_path / "no.png")]) == 2
+    assert not (tmp_path / "no.png").exists()

@@ -3,8 +3,8 @@
 An example is cut from a preprocessed case (canonical grid, see ``preprocess.preprocess_case``)
 around ``crop_centre``, moved by a random translation (the paper's augmentation), optionally rotated,
 scaled and elastically deformed (one resampling call), cut to a smaller field of view,
-intensity-jittered, noised and left-right flipped with the mirrored channels swapped. The keys are those of a training batch (ARCHITECTURE.md)
-without the batch axis.
+intensity-jittered, noised and left-right flipped with the mirrored channels swapped. The keys are
+those of a training batch (ARCHITECTURE.md) without the batch axis.
 """
 
 from __future__ import annotations
