@@ -51,8 +51,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     zooms = np.linalg.norm(real_affine[:3, :3], axis=0)
-    spacing = float(zooms.min())
-    grid_affine, shape = preprocess.canonical_grid(real_affine, real.shape, (spacing,) * 3)
+    grid_affine, shape = preprocess.finest_canonical_grid(real_affine, real.shape)
+    spacing = float(grid_affine[0, 0])
     extent = (np.array(shape) - 1) * spacing
     centre = grid_affine[:3, 3] + extent / 2
     columns = {f"real: {Path(args.real).name}":

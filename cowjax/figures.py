@@ -54,6 +54,12 @@ def landmark_error_bars(path, errors_by_run: dict[str, np.ndarray]) -> Path:
 SEGMENT_COLOURS = np.array(plt.get_cmap("tab20").colors)
 
 
+def _segment_legend(fig) -> None:
+    """The 20 segments' colours and names down the figure's right edge."""
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in SEGMENT_COLOURS]
+    fig.legend(handles, anatomy.SEGMENTS, loc="center right", fontsize=7, frameon=False)
+
+
 def _label_mip(image, labels, axis):
     """The label of the brightest labelled voxel along each ray (0 where the ray meets none)."""
     score = np.where(labels > 0, image, -np.inf)
@@ -151,8 +157,7 @@ def prediction_mips(path, image, grid_affine, landmarks, title: str, labels=None
         for ax, view in zip(axes[1], _VIEWS):
             _mip(ax, image, grid_affine, view, labels)
             ax.set_title(f"{view} MIP, segments")
-        handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in SEGMENT_COLOURS]
-        fig.legend(handles, anatomy.SEGMENTS, loc="center right", fontsize=7, frameon=False)
+        _segment_legend(fig)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 0.88 if labels is not None else 1, 1))
     return _save(fig, path)
@@ -195,8 +200,7 @@ def segment_mips(path, image, grid_affine, labels_by_row: dict[str, np.ndarray],
         for ax, view in zip(axes[r], _VIEWS):
             _mip(ax, image, grid_affine, view, labels)
             ax.set_title(f"{name}: {view} MIP")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in SEGMENT_COLOURS]
-    fig.legend(handles, anatomy.SEGMENTS, loc="center right", fontsize=7, frameon=False)
+    _segment_legend(fig)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 0.88, 1))
     return _save(fig, path)

@@ -48,6 +48,12 @@ def canonical_grid(affine: np.ndarray, shape, spacing) -> tuple[np.ndarray, tupl
     return grid_affine, grid_shape
 
 
+def finest_canonical_grid(affine: np.ndarray, shape) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """``canonical_grid`` isotropic at the image's finest voxel size: where figures draw it."""
+    spacing = float(np.min(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)))
+    return canonical_grid(affine, shape, (spacing,) * 3)
+
+
 def resample(data: np.ndarray, affine: np.ndarray, grid_affine: np.ndarray, grid_shape,
              order: int) -> np.ndarray:
     """Sample ``data`` (on ``affine``) at every voxel of the target grid; 0 outside the image.

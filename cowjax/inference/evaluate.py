@@ -210,8 +210,7 @@ def _mip_figures(out_dir: Path, case: io.Case, record: dict) -> list[Path]:
     """MIPs of the case on a RAS-aligned grid at its finest spacing: true and predicted landmarks
     (``mip_<case>.png``) and, where the case has segment labels, the true and predicted labelling
     in colour (``segments_<case>.png``)."""
-    spacing = float(np.min(np.linalg.norm(case.affine[:3, :3], axis=0)))
-    grid_affine, grid_shape = preprocess.canonical_grid(case.affine, case.image.shape, (spacing,) * 3)
+    grid_affine, grid_shape = preprocess.finest_canonical_grid(case.affine, case.image.shape)
     image = preprocess.resample(case.image, case.affine, grid_affine, grid_shape, order=1)
     mre = metrics.mre(record["errors_mm"])
     name = record["case_id"]

@@ -64,8 +64,7 @@ def write_figure(path, name: str, image: np.ndarray, affine: np.ndarray, pred: P
     predicted landmarks named, the variable segments read as absent in the title, and the
     segment labels in colour where the prediction has them (``figures.prediction_mips``)."""
     from cowjax import figures  # matplotlib: only loaded when a figure is asked for
-    spacing = float(np.min(np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)))
-    grid_affine, grid_shape = preprocess.canonical_grid(affine, image.shape, (spacing,) * 3)
+    grid_affine, grid_shape = preprocess.finest_canonical_grid(affine, image.shape)
     grid_image = preprocess.resample(np.asarray(image, np.float32), affine, grid_affine,
                                      grid_shape, order=1)
     labels = (None if pred.segmentation is None else
