@@ -22,8 +22,10 @@ Two stages, both trained by the one command:
   under a 3 mm Gaussian prior around the first estimate, and in six patches shifted 2.5 mm along
   the axes (prior shifted with them), the seven positions averaged.
 Both: Adam at lr 1e-3 with a short warmup and cosine decay, translation/rotation/scale/intensity/
-noise/flip augmentation, 160 synthetic cases (135 train, 9 validation, 16 test): with more
-subjects the first network leans less on the template's shape.
+noise/flip augmentation (the first network also sees three examples in ten cut to a random 40-90 mm
+box round the circle, zero outside, as a scan cropped to the circle arrives: ``data.augment.fov_cut``),
+160 synthetic cases (135 train, 9 validation, 16 test): with more subjects the first network leans
+less on the template's shape.
 Measured 2026-11-24 on the 2-core dev CPU (one JAX device per core, four steps per jitted call):
 about 0.19 s per first-stage step and 0.1 s per refinement step; the whole command from a fresh
 clone (install, data, both stages, test evaluation) in about 16 minutes (README has the output).
@@ -54,6 +56,7 @@ def get_config(arg: str = ""):
     d.augment.intensity = 0.25
     d.augment.noise = 0.02
     d.augment.flip = True
+    d.augment.fov_cut = 0.3               # scans cropped to the circle (BENCHMARKS.md, 2026-12-02)
 
     c.model.widths = (8, 16, 32, 64)
     c.model.heatmap_stride = 2
