@@ -26,9 +26,10 @@ noise/flip augmentation (the first network also sees three examples in ten cut t
 box round the circle, zero outside, as a scan cropped to the circle arrives: ``data.augment.fov_cut``),
 160 synthetic cases (135 train, 9 validation, 16 test): with more subjects the first network leans
 less on the template's shape.
-Measured 2026-11-24 on the 2-core dev CPU (one JAX device per core, four steps per jitted call):
-about 0.19 s per first-stage step and 0.1 s per refinement step; the whole command from a fresh
-clone (install, data, both stages, test evaluation) in about 16 minutes (README has the output).
+Measured on 2-core dev CPUs (one JAX device per core, four steps per jitted call): about 0.2-0.3 s
+per first-stage step and 0.1 s per refinement step; the whole command from a fresh clone (install,
+data, both stages, test evaluation) in 16-23 minutes (2026-12-03: 19 min 51 s; README has the
+output).
 """
 
 from cowjax.config_defaults import apply_ablation, default_config
