@@ -37,6 +37,8 @@ def default_config() -> ml_collections.ConfigDict:
     d.synthetic_seed = 1234
     d.synthetic_spacing = (0.513, 0.513, 0.8)
     d.pathology_fraction = 0.3
+    d.synthetic_cortex = False            # the synthetic cases also draw cortical branches beyond the
+                                          # terminal ones (``vessels.grow_cortex``)
     d.split = (0.7, 0.1, 0.2)             # train / val / test fractions of each dataset
                                           # (recorded in workdir/split.json)
     d.split_counts = ()                   # (train, val, test) cases per dataset, for cases on disk

@@ -140,6 +140,35 @@ def test_deterministic_per_seed_and_index():
     assert not np.allclose(c.landmarks, a.landmarks)
 
 
+def test_cortex_adds_unlabelled_branches_inside_the_brain_and_changes_nothing_else():
+    """``cortex=True``: the same subject, pose and grid, the segment labels untouched, more vessel
+    voxels (beyond the segments), every cortical branch from a root and inside the brain."""
+    from cowjax.data.synthetic import vessels
+    for index in range(2):
+        plain = synthetic.generate_case(SEED, index, SPACING)
+        rich = synthetic.generate_case(SEED, index, SPACING, cortex=True)
+        np.testing.assert_array_equal(rich.landmarks, plain.landmarks)
+        np.testing.assert_array_equal(rich.affine, plain.affine)
+        assert rich.attributes == plain.attributes
+        # A thin branch may cross a segment's edge voxel: the labels stay all but equal.
+        assert np.mean(rich.segments != plain.segments) < 1e-4
+        added = (rich.vessels > 0) & (plain.vessels == 0)
+        assert added.sum() > 0.1 * (plain.vessels > 0).sum()
+        assert not (added & (rich.segments > 0)).any()
+
+    streams = np.random.SeedSequence([SEED, 0]).spawn(7)
+    r_anat, r_tree, r_cortex = (np.random.default_rng(streams[i]) for i in (0, 2, 6))
+    radius, kind = subject.sample_variants(r_anat)
+    tree = vessels.build_tree(r_tree, subject.sample_landmarks(r_anat), radius, kind, [])
+    before = set(tree.vessels)
+    vessels.grow_cortex(tree, r_cortex)
+    new = {k: v for k, v in tree.vessels.items() if k not in before}
+    assert len(new) >= 10
+    for v in new.values():
+        assert v["label"] == 0 and v["radius"][0] >= 0.25
+        assert np.sum(((v["points"][-1] - vessels.BRAIN_CENTRE) / vessels.BRAIN_AXES) ** 2) <= 1.05
+
+
 def test_no_pathology_when_the_fraction_is_zero():
     for i in range(3):
         _, info = synthetic.generate_case(2, i, (3.0, 3.0, 3.0), pathology_fraction=0.0, return_info=True)

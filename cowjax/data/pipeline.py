@@ -41,7 +41,7 @@ def _dataset_dir(config, workdir: Path) -> Path:
                           f"(config.data.source = {d.source!r})")
     spacing = "x".join(f"{s:g}" for s in d.synthetic_spacing)
     name = (f"synthetic_v{_SYNTHETIC_VERSION}_n{d.num_cases}_s{d.synthetic_seed}_{spacing}mm"
-            f"_p{d.pathology_fraction:g}")
+            f"_p{d.pathology_fraction:g}" + ("_cortex" if d.synthetic_cortex else ""))
     return workdir.resolve().parent / "data" / name
 
 
@@ -53,7 +53,8 @@ def _make_synthetic(config, data_dir: Path) -> None:
     with atomic_output_dir(data_dir) as tmp:
         synthetic.generate_dataset(tmp, config.data.num_cases, config.data.synthetic_seed,
                                    spacing=tuple(config.data.synthetic_spacing),
-                                   pathology_fraction=config.data.pathology_fraction)
+                                   pathology_fraction=config.data.pathology_fraction,
+                                   cortex=config.data.synthetic_cortex)
 
 
 def prepare_data(config, workdir) -> dict[str, list[Path]]:

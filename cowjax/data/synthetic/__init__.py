@@ -1,17 +1,19 @@
 """Synthetic Circle of Willis TOF-MRA cases: the project's default data set.
 
   python -m cowjax.data.synthetic OUT_DIR --num 60 --seed 1234 [--spacing 0.513,0.513,0.8]
-      [--preview] [--pathology 0.3]
+      [--preview] [--pathology 0.3] [--cortex]
 
 Each case is one subject: the cow19 template jittered and scaled, smooth tortuous vessels with
 tapering radii, the variants of ``shared/cow19.md`` at their population frequencies, optional
 aneurysms and stenoses, then a TOF-like acquisition (inflow signal fading along the tree,
 partial-volume edges, textured tissue, bright fat/marrow/sinus distractors, bias field, blur,
-Rician noise, arbitrary scale) stored in a random orientation (the affine is the truth).
+Rician noise, arbitrary scale) stored in a random orientation (the affine is the truth). With
+``--cortex`` (``config.data.synthetic_cortex``) the arterial tree also forks on into cortical
+branches beyond the M2, A2 and P2 ends, as a real TOF-MRA shows the circle among many vessels.
 
 Labelling choices (``segments.nii.gz``): only the 20 cow19 segments get a class. Every other drawn
 vessel (cavernous/petrous ICA, ophthalmic, inferior M2 trunk, lenticulostriates, anterior choroidal,
-branches beyond M2/A2/P2 ends, SCA, AICA, vertebrals) is 0 there and 1 in ``vessels.nii.gz``.
+branches beyond M2/A2/P2 ends and their cortical branches, SCA, AICA, vertebrals) is 0 there and 1 in ``vessels.nii.gz``.
 A hypoplastic variable segment (radius < 0.5 mm) is drawn thin and faint, counts as absent in
 attributes.json and is labelled 0 like the other non-segment vessels; an absent segment is not drawn.
 Aneurysm lumens are 1 in the vessel mask and never change the segment labels (background outside

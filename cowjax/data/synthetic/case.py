@@ -13,18 +13,22 @@ PAPER_SPACING = (0.513, 0.513, 0.8)
 
 
 def generate_case(seed: int, index: int, spacing=PAPER_SPACING, pathology_fraction: float = 0.3,
-                  orientation: tuple[str, str, str] | None = None, return_info: bool = False):
+                  orientation: tuple[str, str, str] | None = None, return_info: bool = False,
+                  cortex: bool = False):
     """One synthetic subject, deterministic in (seed, index) whatever else is generated.
 
     spacing: (3,) mm voxel size. orientation: axis codes to store the arrays in (default: random,
     RAS, LPS or any other); it changes nothing else. Returns an ``io.Case`` (image [X,Y,Z] float32,
     affine [4,4], landmarks [19,3] RAS mm, vessels uint8, segments uint8 0..20, attributes), and
-    with ``return_info`` also a JSON-able dict of the variants and pathology.
+    with ``return_info`` also a JSON-able dict of the variants and pathology. ``cortex``: the
+    cortical branches beyond the terminal ones too (``vessels.grow_cortex``, from a stream of its
+    own: the same subject, pose and grid as without).
     """
     if seed < 0 or index < 0:
         raise CowjaxError(f"seed and index must be non-negative, got seed={seed}, index={index}")
-    streams = np.random.SeedSequence([seed, index]).spawn(6)
-    r_anat, r_path, r_tree, r_pose, r_look, r_orient = (np.random.default_rng(s) for s in streams)
+    streams = np.random.SeedSequence([seed, index]).spawn(7)
+    r_anat, r_path, r_tree, r_pose, r_look, r_orient, r_cortex = (np.random.default_rng(s)
+                                                                   for s in streams)
 
     radius, kind = subject.sample_variants(r_anat)
     lm = subject.sample_landmarks(r_anat)
@@ -32,6 +36,8 @@ def generate_case(seed: int, index: int, spacing=PAPER_SPACING, pathology_fracti
     if r_path.uniform() < pathology_fraction:
         pathology = subject.sample_pathology(r_path, lm)
     tree = vessels.build_tree(r_tree, lm, radius, kind, pathology["stenoses"])
+    if cortex:
+        vessels.grow_cortex(tree, r_cortex)
     arteries = dict(tree.vessels, **vessels.aneurysm_vessels(pathology, lm))
 
     rot = render.rotation(r_pose.uniform(-10, 10, 3))

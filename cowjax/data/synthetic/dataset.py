@@ -27,11 +27,13 @@ def _write_case(out_dir: Path, case: io.Case, info: dict, preview: bool) -> Path
 
 def generate_dataset(out_dir: str | Path, num: int, seed: int, spacing=PAPER_SPACING,
                      pathology_fraction: float = 0.3, preview: bool = False,
-                     progress: bool = True, workers: int | None = None) -> list[Path]:
+                     progress: bool = True, workers: int | None = None,
+                     cortex: bool = False) -> list[Path]:
     """Write cases ``case_0000`` .. ``case_{num-1}`` under ``out_dir`` (created if missing),
     over ``workers`` processes (default: one per core).
 
-    Each case is ``generate_case(seed, index, ...)``, so a case does not depend on ``num``.
+    Each case is ``generate_case(seed, index, ...)``, so a case does not depend on ``num``
+    (``cortex``: with the cortical branches).
     Returns the case folders.
     """
     if num < 1:
@@ -42,14 +44,15 @@ def generate_dataset(out_dir: str | Path, num: int, seed: int, spacing=PAPER_SPA
     if out_dir.exists() and not out_dir.is_dir():
         raise CowjaxError(f"{out_dir}: exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(out_dir, seed, index, tuple(spacing), pathology_fraction, preview)
+    jobs = [(out_dir, seed, index, tuple(spacing), pathology_fraction, preview, cortex)
             for index in range(num)]
     return _parallel.map_cases(_make_case, jobs, "synthetic cases", progress, workers)
 
 
 def _make_case(job) -> Path:
-    out_dir, seed, index, spacing, pathology_fraction, preview = job
-    case, info = generate_case(seed, index, spacing, pathology_fraction, return_info=True)
+    out_dir, seed, index, spacing, pathology_fraction, preview, cortex = job
+    case, info = generate_case(seed, index, spacing, pathology_fraction, return_info=True,
+                               cortex=cortex)
     return _write_case(out_dir, case, info, preview)
 
 
@@ -73,6 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("--spacing", default=",".join(map(str, PAPER_SPACING)), help="X,Y,Z mm")
     parser.add_argument("--preview", action="store_true", help="write <case>/preview.png (MIPs)")
     parser.add_argument("--pathology", type=float, default=0.3, help="share of cases with pathology")
+    parser.add_argument("--cortex", action="store_true",
+                        help="also the cortical branches beyond the terminal ones")
     args = parser.parse_args(argv)
     try:
         if args.seed < 0:
@@ -80,7 +85,7 @@ def main(argv=None) -> int:
         spacing = _parse_spacing(args.spacing)
         start = time.perf_counter()
         dirs = generate_dataset(args.out_dir, args.num, args.seed, spacing, args.pathology,
-                                preview=args.preview)
+                                preview=args.preview, cortex=args.cortex)
     except CowjaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

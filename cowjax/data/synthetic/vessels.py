@@ -251,6 +251,74 @@ def build_tree(rng: np.random.Generator, lm: dict[str, np.ndarray], radius: dict
     return tree
 
 
+# Where the cortical branches grow: the brain's ellipsoid (subject frame, ``render.background``).
+BRAIN_CENTRE = np.array([0.0, -12.0, 15.0])
+BRAIN_AXES = np.array([62.0, 82.0, 58.0])
+# The terminal branches of the three territories, each side: MCA, ACA, PCA.
+CORTICAL_ROOTS = ("M3_0", "M3_1", "M2inf", "peri", "callosomarg", "P3a", "P3b")
+
+
+def grow_cortex(tree: Tree, rng: np.random.Generator) -> None:
+    """Cortical branches beyond the terminal ones: the whole arterial tree a real TOF-MRA shows
+    round the circle, instead of the circle almost alone.
+
+    Each root (``CORTICAL_ROOTS``: the vessels beyond the M2, A2 and P2 ends, which the cow19
+    landmarks put at their next branching, so these never branch) grows on from its end and
+    sprouts one to three side branches along its length; every branch forks again (one to three
+    children, 15-50 deg off the parent's direction and pulled outward, towards the cortex), each
+    child 10-25 mm long and thinner than its parent, until it is thinner than 0.25 mm, leaves the
+    brain or reaches this subject's depth (2-4 generations). Unlabelled (0); in the vessel mask.
+    """
+    depth = int(rng.integers(2, 5))
+    taper = rng.uniform(0.85, 0.95)
+    names = iter(f"cortex{k}" for k in range(10 ** 6))
+
+    def unit(v):
+        return v / max(float(np.linalg.norm(v)), 1e-9)
+
+    def branch(parent: str, at: int, direction, generation: int, queue: list) -> None:
+        v = tree.vessels[parent]
+        q, r0 = v["points"][at], float(v["radius"][at]) * rng.uniform(0.8, 0.95)
+        length = rng.uniform(10, 25)
+        tip = q + length * direction + rng.normal(0, 1.5, 3)
+        if r0 < 0.25 or np.sum(((tip - BRAIN_CENTRE) / BRAIN_AXES) ** 2) > 1.0:
+            return
+        name = next(names)
+        tree.add(name, [q, q + 0.5 * length * direction + rng.normal(0, 1.0, 3), tip],
+                 r0, r0 * taper, 0, parent, at)
+        if generation + 1 < depth:
+            queue.append((name, generation + 1))
+
+    def outward(q):
+        return unit((q - BRAIN_CENTRE) / BRAIN_AXES)
+
+    queue: list = []
+    for side, _ in SIDES:
+        for root in CORTICAL_ROOTS:
+            name = _sided(root, side)
+            if name not in tree.vessels:
+                continue
+            pts = tree.vessels[name]["points"]
+            queue.append((name, 0))
+            for _ in range(rng.integers(1, 4)):                     # side branches along it
+                at = int(rng.uniform(0.3, 0.9) * (len(pts) - 1))
+                d = unit(pts[min(at + 1, len(pts) - 1)] - pts[at - 1])
+                side_dir = unit(np.cross(d, rng.normal(size=3)))
+                branch(name, at, unit(np.cos(1.0) * d + np.sin(1.0) * side_dir
+                                      + rng.uniform(0.2, 0.6) * outward(pts[at])), 1, queue)
+    while queue:                                                    # forks at the ends
+        parent, generation = queue.pop(0)
+        pts = tree.vessels[parent]["points"]
+        d = unit(pts[-1] - pts[max(0, len(pts) - 1 - int(5 / STEP_MM))])
+        e = unit(np.cross(d, rng.normal(size=3)))
+        for k in range(int(rng.choice([1, 2, 3], p=[0.15, 0.7, 0.15]))):
+            angle = np.deg2rad(rng.uniform(15, 50))
+            u = np.cos(angle) * d + np.sin(angle) * (e if k % 2 == 0 else -e)
+            branch(parent, -1, unit(u + rng.uniform(0.2, 0.6) * outward(pts[-1])), generation,
+                   queue)
+            e = unit(np.cross(d, rng.normal(size=3)))
+
+
 def aneurysm_vessels(pathology: dict, lm: dict[str, np.ndarray]) -> dict[str, dict]:
     """Aneurysm lumens as short tubes (neck at the site, a sphere at the dome) that label nothing."""
     out = {}
