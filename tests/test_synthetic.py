@@ -142,7 +142,8 @@ def test_deterministic_per_seed_and_index():
 
 def test_cortex_adds_unlabelled_branches_inside_the_brain_and_changes_nothing_else():
     """``cortex=True``: the same subject, pose and grid, the segment labels untouched, more vessel
-    voxels (beyond the segments), every cortical branch from a root and inside the brain."""
+    voxels (beyond the segments); the branches unlabelled, at least 0.25 mm, ending inside the
+    brain."""
     from cowjax.data.synthetic import vessels
     for index in range(2):
         plain = synthetic.generate_case(SEED, index, SPACING)

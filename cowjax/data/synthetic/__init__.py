@@ -13,7 +13,8 @@ branches beyond the M2, A2 and P2 ends, as a real TOF-MRA shows the circle among
 
 Labelling choices (``segments.nii.gz``): only the 20 cow19 segments get a class. Every other drawn
 vessel (cavernous/petrous ICA, ophthalmic, inferior M2 trunk, lenticulostriates, anterior choroidal,
-branches beyond M2/A2/P2 ends and their cortical branches, SCA, AICA, vertebrals) is 0 there and 1 in ``vessels.nii.gz``.
+branches beyond M2/A2/P2 ends and their cortical branches, SCA, AICA, vertebrals) is 0 there and 1
+in ``vessels.nii.gz``.
 A hypoplastic variable segment (radius < 0.5 mm) is drawn thin and faint, counts as absent in
 attributes.json and is labelled 0 like the other non-segment vessels; an absent segment is not drawn.
 Aneurysm lumens are 1 in the vessel mask and never change the segment labels (background outside

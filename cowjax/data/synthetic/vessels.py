@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 
 import numpy as np
 from scipy import interpolate, special
@@ -271,7 +272,7 @@ def grow_cortex(tree: Tree, rng: np.random.Generator) -> None:
     """
     depth = int(rng.integers(2, 5))
     taper = rng.uniform(0.85, 0.95)
-    names = iter(f"cortex{k}" for k in range(10 ** 6))
+    names = (f"cortex{k}" for k in itertools.count())
 
     def unit(v):
         return v / max(float(np.linalg.norm(v)), 1e-9)
@@ -302,7 +303,7 @@ def grow_cortex(tree: Tree, rng: np.random.Generator) -> None:
             queue.append((name, 0))
             for _ in range(rng.integers(1, 4)):                     # side branches along it
                 at = int(rng.uniform(0.3, 0.9) * (len(pts) - 1))
-                d = unit(pts[min(at + 1, len(pts) - 1)] - pts[at - 1])
+                d = unit(pts[min(at + 1, len(pts) - 1)] - pts[max(at - 1, 0)])
                 side_dir = unit(np.cross(d, rng.normal(size=3)))
                 branch(name, at, unit(np.cos(1.0) * d + np.sin(1.0) * side_dir
                                       + rng.uniform(0.2, 0.6) * outward(pts[at])), 1, queue)
