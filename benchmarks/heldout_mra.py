@@ -426,6 +426,15 @@ def make_grid(rng, landmarks_world, spacing):
     return dict(mode=mode, affine=A, shape=tuple(int(x) for x in n), spacing=sp, Q=Q, perm=perm)
 
 
+def _head_grid(landmarks_world, spacing, extent):
+    n = np.round(extent / spacing).astype(int) + 1
+    A = np.eye(4)
+    A[:3, :3] = np.diag(spacing)
+    A[:3, 3] = landmarks_world.mean(0) + np.array([0.0, -15.0, 25.0]) - spacing * (n - 1) / 2
+    return dict(mode="RAS", affine=A, shape=tuple(int(x) for x in n), spacing=spacing,
+                Q=np.eye(3), perm=np.arange(3))
+
+
 # ------------------------------------------------------------------------------------ rendering
 
 def render_vessels(vessels, aneurysms, to_vox, shape, sp, rng, c_params):
@@ -562,7 +571,10 @@ def render_background(rng, shape, head_coords, sp, scale):
     return img, tissue
 
 
-def generate_case(seed, index, spacing=(0.5, 0.5, 0.8)):
+def generate_case(seed, index, spacing=(0.5, 0.5, 0.8), fov_mm=None):
+    """One case. ``fov_mm`` (R, A, S extent): a RAS-aligned field of view of that size round the
+    head (centred 15 mm behind and 25 mm above the landmarks' mean) instead of the random one;
+    the same random draws, so the same subject."""
     rng = np.random.default_rng([seed, index])
     anat = sample_anatomy(rng)
     # Head pose: head frame -> world.
@@ -571,6 +583,8 @@ def generate_case(seed, index, spacing=(0.5, 0.5, 0.8)):
                                                  rng.uniform(-20, 40)])
     lm_world = anat["landmarks"] @ R.T + t
     grid = make_grid(rng, lm_world, np.asarray(spacing, float))
+    if fov_mm is not None:
+        grid = _head_grid(lm_world, np.asarray(spacing, float), np.asarray(fov_mm, float))
     A = grid["affine"]
     Ainv = np.linalg.inv(A)
     shape, sp = grid["shape"], grid["spacing"]

@@ -66,3 +66,32 @@ def test_appearance_figure_sets_a_real_image_beside_both_generators(tmp_path):
     assert 1.5 < widths[1] / widths[0] < 1.8           # 5 columns against 3
     assert mod.main([str(tmp_path / "missing.mha"), str(tmp_path / "no.png")]) == 2
     assert not (tmp_path / "no.png").exists()
+
+
+def test_a_whole_head_field_of_view_shows_the_same_subject():
+    """``generate_case(fov_mm=...)``: the same landmarks, a RAS-aligned grid of that extent holding
+    them, and the vessels they lie on drawn alike."""
+    mod = _module()
+    spacing = (2.0, 2.0, 2.0)
+    own, _ = mod.generate_case(5, 0, spacing)
+    head, meta = mod.generate_case(5, 0, spacing, fov_mm=(160.0, 190.0, 140.0))
+    np.testing.assert_array_equal(head.landmarks, own.landmarks)
+    np.testing.assert_allclose(head.affine[:3, :3], np.diag(spacing))
+    np.testing.assert_allclose((np.array(head.image.shape) - 1) * spacing, [160, 190, 140])
+    vox = (head.landmarks - head.affine[:3, 3]) / spacing
+    assert np.all(vox >= 0) and np.all(vox <= np.array(head.image.shape) - 1)
+    assert head.image.size > own.image.size
+    for case in (own, head):
+        inv = np.linalg.inv(case.affine)
+        p = np.round(case.landmarks @ inv[:3, :3].T + inv[:3, 3]).astype(int)
+        assert case.vessels[tuple(p.T)].mean() > 0.8      # landmarks on the drawn vessels
+
+
+def test_field_of_view_benchmark_refuses_a_bad_box_in_one_line(capsys):
+    spec = importlib.util.spec_from_file_location("field_of_view",
+                                                  _PATH.parent / "field_of_view.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["models/ready", "--box", "44,38"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --box") and "\n" not in err

@@ -1,0 +1,96 @@
+"""Landmark error against the field of view: held-out cases as made, cut to a small box round the
+circle, and seen whole-head (BENCHMARKS.md, 2026-12-02 and 2026-12-03).
+
+    python benchmarks/field_of_view.py --seed 100 --num 10 models/ready runs/other
+    python benchmarks/field_of_view.py --seed 101 --num 8 --whole-head models/ready
+
+Cases come from the independent generator (``heldout_mra.py``; 0.5 x 0.5 x 0.8 mm). Each model
+(a run or an exported folder) predicts every case as made and, by default, cut to ``--box`` mm
+(the real TopCoW crop in ``shared/real-mra/`` is 44 x 38 x 21 mm) centred on the mean of the
+circle's seven junctions (``augment.CIRCLE_LANDMARKS``), resampled to 0.5 mm, zero outside; the
+landmarks inside the box are scored on both. With ``--whole-head`` the same subjects are instead
+also seen in a 160 x 190 x 140 mm field of view at 0.6 x 0.6 x 0.8 mm (``generate_case(fov_mm=)``),
+all 19 landmarks scored. Presence is not scored (``presence="network"``: landmarks only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import appearance  # noqa: E402
+import heldout_mra  # noqa: E402
+from cowjax.data import augment  # noqa: E402
+from cowjax.errors import CowjaxError  # noqa: E402
+
+SPACING = (0.5, 0.5, 0.8)
+HEAD_SPACING = (0.6, 0.6, 0.8)
+HEAD_FOV_MM = (160.0, 190.0, 140.0)
+
+
+def _views(seed: int, index: int, box, whole_head: bool):
+    """(name, image, affine, landmarks scored mask) of one subject, and its true landmarks."""
+    if whole_head:
+        case, _ = heldout_mra.generate_case(seed, index, HEAD_SPACING)
+        head, _ = heldout_mra.generate_case(seed, index, HEAD_SPACING, fov_mm=HEAD_FOV_MM)
+        every = np.ones(len(case.landmarks), bool)
+        return case.landmarks, [("as made", case.image, case.affine, every),
+                                ("whole head", head.image, head.affine, every)]
+    case, _ = heldout_mra.generate_case(seed, index, SPACING)
+    lm = case.landmarks
+    centre = lm[augment.CIRCLE_LANDMARKS].mean(axis=0)
+    inside = np.all(np.abs(lm - centre) <= box / 2, axis=1)
+    cut, cut_affine = appearance.on_box(case.image, case.affine, centre, box, 0.5)
+    return lm, [("as made, all 19", case.image, case.affine, np.ones(len(lm), bool)),
+                ("as made, inside the box", case.image, case.affine, inside),
+                ("cut, inside the box", cut, cut_affine, inside)]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", help="run workdirs or exported model folders")
+    parser.add_argument("--seed", type=int, default=100)
+    parser.add_argument("--num", type=int, default=10)
+    parser.add_argument("--box", default="44,38,21", help="R,A,S mm of the cut (default: the real crop)")
+    parser.add_argument("--whole-head", action="store_true",
+                        help="compare with a whole-head field of view instead of the cut")
+    args = parser.parse_args(argv)
+    try:
+        box = np.array([float(v) for v in args.box.split(",")])
+        if box.shape != (3,) or np.any(box <= 0):
+            raise ValueError
+    except ValueError:
+        print(f"error: --box takes three positive numbers (mm), got {args.box!r}", file=sys.stderr)
+        return 2
+    from cowjax.inference.predictor import Predictor  # JAX: only once the arguments are good
+    try:
+        predictors = {m: Predictor.from_workdir(m, presence="network") for m in args.models}
+    except CowjaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    errors: dict = {}
+    for k in tqdm(range(args.num), desc="field of view", unit="case"):
+        truth, views = _views(args.seed, k, box, args.whole_head)
+        for model, predictor in predictors.items():
+            seen = {}                               # one prediction per image, however scored
+            for name, image, affine, scored in views:
+                if id(image) not in seen:
+                    seen[id(image)] = np.linalg.norm(
+                        predictor.predict(image, affine).landmarks - truth, axis=1)
+                errors.setdefault((model, name), []).append(seen[id(image)][scored])
+    print(f"held-out seed {args.seed}, {args.num} cases: MRE mm (median) [landmarks scored]")
+    for (model, name), e in errors.items():
+        e = np.concatenate(e)
+        print(f"  {model}: {name}: {e.mean():.2f} ({np.median(e):.2f}) [{len(e)}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
