@@ -64,8 +64,8 @@ def test_split_is_recorded_and_reused(phantom_dataset, tmp_path):
 def test_synthetic_set_is_made_on_first_use(tmp_path, monkeypatch):
     calls = []
 
-    def generate_dataset(out_dir, num, seed, spacing, pathology_fraction):
-        calls.append((num, seed, spacing, pathology_fraction))
+    def generate_dataset(out_dir, num, seed, spacing, pathology_fraction, cortex):
+        calls.append((num, seed, spacing, pathology_fraction, cortex))
         write_phantom_dataset(out_dir, num, first_seed=seed)
 
     fake = types.ModuleType("cowjax.data.synthetic")
@@ -76,12 +76,17 @@ def test_synthetic_set_is_made_on_first_use(tmp_path, monkeypatch):
     config = test_config.get_config()
     config.data.num_cases = 3
     split = pipeline.prepare_data(config, tmp_path / "runs" / "a")
-    assert len(calls) == 1 and calls[0][0] == 3
+    assert len(calls) == 1 and calls[0][0] == 3 and calls[0][4] is False
     data_dir = split["train"][0].parent
     assert data_dir.parent == (tmp_path / "runs" / "data").resolve()
     # A second run shares the generated set instead of making it again.
     pipeline.prepare_data(config, tmp_path / "runs" / "b")
     assert len(calls) == 1
+    # With cortical branches: a set of its own.
+    config.data.synthetic_cortex = True
+    split = pipeline.prepare_data(config, tmp_path / "runs" / "c")
+    assert len(calls) == 2 and calls[1][4] is True
+    assert split["train"][0].parent != data_dir
 
 
 def test_eval_examples_convert_to_world(phantom_dataset, tmp_path):
