@@ -68,6 +68,10 @@ _TTA = flags.DEFINE_enum("tta", "default", ["default", "none"],
                          "the refinement stage's shifted patches; 'none': as the paper).")
 _REFINE = flags.DEFINE_bool("refine", True, "predict, eval: use the run's refinement stage where "
                             "it has one (--norefine: the first network alone, as the paper).")
+_ALIGN = flags.DEFINE_bool("align", True, "predict, eval: for a run that does not register its "
+                          "images, place the windows on a grid aligned to the template by the "
+                          "landmarks found in the search for the circle (--noalign: on the "
+                          "image's own axes).")
 _PRESENCE = flags.DEFINE_enum("presence", "image", ["image", "network"],
                               "predict, eval: where the variable segments' presence comes from "
                               "('image': the lumen between the predicted landmarks; 'network': "
@@ -198,7 +202,7 @@ def _evaluate(workdirs, data_dir) -> None:
 
 def _inference_flags() -> dict:
     return {"tta": _TTA.value == "default", "decode_method": _DECODE.value,
-            "refine": _REFINE.value, "presence": _PRESENCE.value}
+            "refine": _REFINE.value, "presence": _PRESENCE.value, "align": _ALIGN.value}
 
 
 def _usage(message):

@@ -16,6 +16,7 @@ from cowjax.inference import evaluate, predict, segment, windows
 from cowjax.inference import predictor as predictor_lib
 from cowjax.inference.predictor import Predictor
 from cowjax.model import unet
+from cowjax.registration import landmarks as landmark_registration
 
 L = anatomy.NUM_LANDMARKS
 
@@ -65,10 +66,11 @@ class _EchoNet:
                 "present_prob": np.full((b, anatomy.NUM_SEGMENTS), 0.5, np.float32)}
 
 
-def _echo_predictor(stride, forward=None, **kwargs):
-    """A Predictor on the stand-in network, one forward call per window."""
+def _echo_predictor(stride, forward=None, align=False, **kwargs):
+    """A Predictor on the stand-in network, one forward call per window; one look (no pose fit:
+    the stand-in puts every landmark at the blob) unless ``align``."""
     return Predictor(_config(stride), params=None, batch_size=1,
-                     forward=forward or _EchoNet(stride), **kwargs)
+                     forward=forward or _EchoNet(stride), align=align, **kwargs)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -374,6 +376,73 @@ def test_flip_brings_the_mirror_image_back_onto_the_right_channels():
     pred = predictor.predict(_blob_image(affine, (40, 40, 30), centre), affine)
     spacing = np.asarray(predictor.config.data.spacing)
     np.testing.assert_allclose(pred.landmarks, centre + d * spacing, atol=0.5)
+
+
+def _turn(degrees, shift=(5.0, -3.0, 2.0)):
+    """[4, 4]: a rotation about the world's x axis (a nod) and a shift."""
+    t = np.deg2rad(degrees)
+    m = np.eye(4)
+    m[:3, :3] = [[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]]
+    m[:3, 3] = shift
+    return m
+
+
+def test_the_pose_is_fitted_only_to_landmarks_that_look_like_a_circle():
+    template = anatomy.TEMPLATE_LANDMARKS
+    wobble = np.random.default_rng(0).normal(0.0, 2.0, template.shape)
+    head = landmark_registration.apply_transform(_turn(30.0), template + wobble)
+    back = predictor_lib.pose_to_template(head)                # the head turned back upright
+    assert back is not None
+    # Within a few degrees (the landmarks wobble 2 mm); 30 degrees off would be 0.5 apart.
+    np.testing.assert_allclose(back[:3, :3], _turn(30.0)[:3, :3].T, atol=0.1)
+    assert predictor_lib.pose_to_template(np.zeros((L, 3))) is None          # no pose at all
+    scattered = np.random.default_rng(1).permutation(head)     # the right points, wrong landmarks
+    assert predictor_lib.pose_to_template(scattered) is None
+
+
+def test_the_first_stage_looks_on_a_grid_aligned_to_the_template(monkeypatch):
+    """With ``align``, the landmarks of the window that found the circle fix a rigid transform
+    onto the template; the first stage's windows are placed on a grid aligned to it, centred on
+    those landmarks, and the refinement stage gets the same transform. Predictions still come
+    back in the image's own world."""
+    turn, fitted = _turn(30.0), []
+
+    def pose(landmarks):
+        fitted.append(np.array(landmarks))
+        return turn
+
+    monkeypatch.setattr(predictor_lib, "pose_to_template", pose)
+    grids = []
+    network_grid = preprocess.network_grid
+
+    def spy(affine, shape, spacing, to_template=None):
+        grids.append(to_template)
+        return network_grid(affine, shape, spacing, to_template)
+
+    monkeypatch.setattr(predictor_lib.preprocess, "network_grid", spy)
+
+    class Refiner:
+        def refine(self, image, affine, landmarks, to_template):
+            self.to_template = to_template
+            return landmarks
+
+    affine = _affine((1.2, 0.9, 2.0), 30.0, (-1, -1, 1), (24.0, 39.0, -24.0))
+    centre, shape = np.array([4.0, -2.5, 1.3]), (60, 70, 30)
+    predictor = _echo_predictor(2, flip=False, align=True)
+    predictor.refiner = Refiner()
+    pred = predictor.predict(_blob_image(affine, shape, centre), affine)
+    assert len(fitted) == 1                                   # from the search's window
+    np.testing.assert_allclose(fitted[0], np.broadcast_to(centre, (L, 3)), atol=1.0)
+    assert len(grids) == 2 and grids[0] is None and grids[1] is turn   # search, aligned grid
+    assert predictor.refiner.to_template is turn
+    np.testing.assert_allclose(pred.landmarks, np.broadcast_to(centre, (L, 3)), atol=0.5)
+    # No pose fitted (the stand-in's landmarks all at one point): the image's own axes.
+    monkeypatch.undo()
+    monkeypatch.setattr(predictor_lib.preprocess, "network_grid", spy)
+    grids.clear()
+    pred = predictor.predict(_blob_image(affine, shape, centre), affine)
+    assert grids == [None, None] and predictor.refiner.to_template is None
+    np.testing.assert_allclose(pred.landmarks, np.broadcast_to(centre, (L, 3)), atol=0.5)
 
 
 def test_segment_labellings_only_when_asked_for():

@@ -132,7 +132,12 @@ def test_eval_of_a_two_stage_run_says_it_refined(two_stage_run):
     workdir, _ = two_stage_run
     report = evaluate.run_eval([workdir])[str(workdir)]
     assert "refinement stage: 16x16x16 patches at 1.5x1.5x1.5 mm" in report["decode"]
+    assert "aligned to the template" in report["decode"]
     assert np.isfinite(report["groups"]["all"]["mre_mm"])
+    # --noalign: the image's own axes, and the report says so by not claiming the alignment.
+    plain = evaluate.run_eval([workdir], align=False)[str(workdir)]
+    assert "aligned to the template" not in plain["decode"]
+    assert np.isfinite(plain["groups"]["all"]["mre_mm"])
 
 
 def test_shifted_patches_average_the_single_refinements(two_stage_run):

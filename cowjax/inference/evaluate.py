@@ -233,6 +233,9 @@ def _decode_description(predictor: Predictor) -> str:
     method = predictor.decode_method
     text = f"{predictor.kind} heatmaps, " + ("argmax" if method == "argmax"
                                               else f"argmax and {method} sub-voxel fit")
+    if predictor.align and predictor.to_template is None:
+        text += ("; the grid aligned to the template by the landmarks found in the search for "
+                 "the circle")
     text += "; test-time mirror image" if predictor.flip else "; no test-time augmentation"
     if predictor.refiner is not None:
         r = predictor.refiner
@@ -252,10 +255,10 @@ def _json_default(v):
 
 def evaluate_run(workdir, data_dir=None, tta: bool = True,
                  decode_method: str = heatmaps.DEFAULT_METHOD, refine: bool = True,
-                 presence: str = "image") -> tuple[dict, dict, Path]:
+                 presence: str = "image", align: bool = True) -> tuple[dict, dict, Path]:
     """Evaluate one run: (report dict, per-landmark errors [N, 19], output folder). ``tta``,
-    ``decode_method``, ``refine`` and ``presence`` as ``Predictor.from_workdir`` (False, "argmax",
-    False, "network": scored as the paper did)."""
+    ``decode_method``, ``refine``, ``presence`` and ``align`` as ``Predictor.from_workdir`` (False,
+    "argmax", False, "network": scored as the paper did)."""
     workdir = Path(workdir)
     name, case_dirs = _case_dirs(workdir, data_dir)
     names = dict(zip(case_dirs, _case_names(case_dirs)))
@@ -265,7 +268,8 @@ def evaluate_run(workdir, data_dir=None, tta: bool = True,
         raise CowjaxError(f"{data_dir or workdir / 'split.json'}: no case has a landmark file "
                           f"({', '.join(io.LANDMARK_FILES)}) to evaluate against")
     predictor = Predictor.from_workdir(workdir, refine=refine, tta=tta,
-                                       decode_method=decode_method, presence=presence)
+                                       decode_method=decode_method, presence=presence,
+                                       align=align)
     out_dir = workdir / "eval" / name
     out_dir.mkdir(parents=True, exist_ok=True)
     records, figs = [], []
@@ -295,7 +299,7 @@ def evaluate_run(workdir, data_dir=None, tta: bool = True,
 
 def run_eval(workdirs, data_dir=None, tta: bool = True,
              decode_method: str = heatmaps.DEFAULT_METHOD, refine: bool = True,
-             presence: str = "image") -> dict[str, dict]:
+             presence: str = "image", align: bool = True) -> dict[str, dict]:
     """Evaluate each run on ``data_dir`` (cases with ground truth) or, when None, on its own test
     split; print the summaries and where the reports are. Returns {workdir: report}."""
     names = [Path(w).name for w in workdirs]
@@ -304,7 +308,7 @@ def run_eval(workdirs, data_dir=None, tta: bool = True,
     reports, errors, dirs = {}, {}, []
     for w, name in zip(workdirs, names):
         report, errors[name], out_dir = evaluate_run(w, data_dir, tta, decode_method, refine,
-                                                     presence)
+                                                     presence, align)
         reports[str(w)] = report
         dirs.append(out_dir)
         g = report["groups"]["all"]

@@ -90,7 +90,7 @@ def _inputs(input_path: Path) -> list[tuple[str, Path]]:
 
 def run_predict(workdir, input, output, save_segmentation: bool = False, tta: bool = True,
                 decode_method: str = heatmaps.DEFAULT_METHOD, refine: bool = True,
-                presence: str = "image", figure: bool = False) -> list[Path]:
+                presence: str = "image", figure: bool = False, align: bool = True) -> list[Path]:
     """Predict landmarks for one image (``output`` is a file: .mrk.json, .json or .csv) or a
     directory of cases / images in any format ``io.load_image`` reads (``output`` is a directory:
     ``<case>.mrk.json`` and ``<case>.json`` each).
@@ -99,7 +99,7 @@ def run_predict(workdir, input, output, save_segmentation: bool = False, tta: bo
     or ``<output stem>_segments.nii.gz`` next to a single output file) and their 3D Slicer colour
     table (``segments.ctbl``, ``<output stem>_segments.ctbl``); ``figure`` a PNG of the image's
     MIPs with the prediction (``<case>.png``, ``<output stem>.png``: ``write_figure``). ``tta``,
-    ``decode_method``, ``refine`` and ``presence`` as ``Predictor.from_workdir``. Returns the
+    ``decode_method``, ``refine``, ``presence`` and ``align`` as ``Predictor.from_workdir``. Returns the
     written paths.
     """
     input_path, output = Path(input), Path(output)
@@ -116,7 +116,8 @@ def run_predict(workdir, input, output, save_segmentation: bool = False, tta: bo
             raise CowjaxError(f"{output}: parent directory {output.parent} does not exist")
     items = _inputs(input_path)
     predictor = Predictor.from_workdir(workdir, refine=refine, tta=tta,
-                                       decode_method=decode_method, presence=presence)
+                                       decode_method=decode_method, presence=presence,
+                                       align=align)
     if not single:
         output.mkdir(exist_ok=True)
     written = []

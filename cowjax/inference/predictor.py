@@ -4,7 +4,9 @@ An image goes through the training preprocessing (``preprocess.network_grid`` an
 ``preprocess.preprocess_image``: RAS grid at ``config.data.spacing``, in template space for a run
 that registers, intensity normalisation) and the circle is found without landmarks
 (``Predictor.locate``: the network scores windows over the whole volume, then re-centres on its own
-detections). The network sees ``config.data.crop_shape`` windows: the one centred there and, where
+detections). A run that does not register its images is registered by the landmarks found there:
+rigidly onto the template's, and the grid is then RAS-aligned in template space (``align``). The
+network sees ``config.data.crop_shape`` windows: the one centred there and, where
 the volume is larger, neighbours shifted by a margin on each axis (by default the training's random
 translation, ``config.data.augment.translate_mm``, so every window is placed as some training crop
 was). Their outputs are blended (``windows``) before decoding, and the decoded voxel coordinates go
@@ -32,11 +34,16 @@ from cowjax.inference import segment, windows
 from cowjax.inference.refiner import Refiner
 from cowjax.model import unet
 from cowjax.registration import intensity
+from cowjax.registration import landmarks as landmark_registration
 
 # The mirror image (flip test-time augmentation): the same voxels with the world's x negated.
 MIRROR = np.diag([-1.0, 1.0, 1.0, 1.0])
 # Where segment presence comes from (``Predictor``'s ``presence``).
 PRESENCE = ("image", "network")
+# Landmarks further than this (RMS, mm) from the template fitted to them fix no pose: true
+# landmarks of both generators' subjects are 2.9-6.2 mm from it, the template's own spread about
+# its centroid is 25 mm (2026-12-03).
+POSE_MAX_RESIDUAL_MM = 12.0
 
 
 @dataclasses.dataclass
@@ -87,6 +94,19 @@ def _network(model, kind, params, images):
             "present_prob": jax.nn.sigmoid(out["segment_attr"])}
 
 
+def pose_to_template(landmarks: np.ndarray) -> np.ndarray | None:
+    """[4, 4] world -> template world: the least-squares rigid fit of ``landmarks`` [19, 3] (world
+    RAS mm, found in an image) onto ``anatomy.TEMPLATE_LANDMARKS``; None when they fix no pose
+    (on a line or a point) or do not look like a circle of Willis (RMS distance from the fitted
+    template above ``POSE_MAX_RESIDUAL_MM``)."""
+    try:
+        fit = landmark_registration.fit_transform(anatomy.TEMPLATE_LANDMARKS, landmarks)
+    except CowjaxError:
+        return None
+    residuals = landmark_registration.residuals(anatomy.TEMPLATE_LANDMARKS, landmarks, fit)
+    return fit if np.sqrt(np.nanmean(residuals ** 2)) <= POSE_MAX_RESIDUAL_MM else None
+
+
 def _with_template(config, params, workdir):
     """(config, params) with ``data.template`` pointing into ``workdir`` when the recorded path is
     gone (a run moved or copied elsewhere keeps its ``template.nii.gz``)."""
@@ -114,6 +134,9 @@ class Predictor:
     presence: where variable segments' presence comes from (``PRESENCE``): "image" (default; the
       lumen between the predicted landmarks, ``segment.presence_radii``) or "network" (the segment
       attribute branch, as the paper).
+    align: for a run that does not register its images, the windows are placed on a grid aligned
+      to the template by the landmarks found in the search for the circle (``_predict_pass``; the
+      paper's images were registered to a template beforehand). False: on the image's own axes.
     forward: the network, ``(params, images [B, X, Y, Z, 1]) -> {"heatmaps": [B, x, y, z, 19]
       (log-probabilities for a spatial-softmax model), "segmentation": [B, X, Y, Z, 21] logits,
       "bifurcation_prob": [B, 19], "present_prob": [B, 20]}``. Default: the config's model
@@ -123,12 +146,13 @@ class Predictor:
     def __init__(self, config, params, batch_size: int | None = None,
                  margin_mm: float | None = None, flip: bool = True, refiner: Refiner | None = None,
                  decode_method: str = heatmaps.DEFAULT_METHOD, presence: str = "image",
-                 forward=None):
+                 align: bool = True, forward=None):
         if decode_method not in heatmaps.METHODS:
             raise CowjaxError(f"decode {decode_method!r}: expected one of {heatmaps.METHODS}")
         if presence not in PRESENCE:
             raise CowjaxError(f"presence {presence!r}: expected one of {PRESENCE}")
         self.presence = presence
+        self.align = align
         self.config = config
         self.flip = flip
         self.decode_method = decode_method
@@ -214,6 +238,14 @@ class Predictor:
         labels, the segmentation head's (class probabilities [X', Y', Z', 21], their grid affine)
         or None).
 
+        Without a registration (``config.data.registration`` "none") and with ``align``, the
+        image is registered by its landmarks: the circle is found on the image's own axes
+        (``locate_landmarks``, the landmarks of one window), a least-squares rigid fit of those
+        onto the template's (``anatomy.TEMPLATE_LANDMARKS``) gives the transform, and the first
+        stage's windows are placed on a grid aligned to the template, centred on them; the
+        refinement stage's patches are cut on that grid too. A head turned further than training
+        saw is then seen upright (BENCHMARKS.md, 2026-12-03).
+
         The mirror image is registered in its own pass. The original's registration T gives it
         T @ MIRROR, a reflection mapping it back onto the template unmirrored (the network would
         see the original's voxels again); the proper rotation MIRROR @ T @ MIRROR fits only a
@@ -222,10 +254,32 @@ class Predictor:
         (4 mm at most): the registration samples random template points, which the mirror does
         not map onto themselves. A training-sample template is not symmetric at all."""
         to_template = None if self.to_template is None else self.to_template(image, affine)
+        centre = None
+        if self.align and self.to_template is None:
+            grid = preprocess.network_grid(affine, image.shape, self.config.data.spacing)
+            prep = preprocess.preprocess_image(image, affine, *grid)
+            found = preprocess.voxel_to_world(
+                self.locate_landmarks(prep["image"], prep["fov_centre"]), prep["affine"])
+            centre = found.mean(axis=0)
+            to_template = pose_to_template(found)
+        pred, head = self._first_stage(image, affine, to_template, head_segmentation, centre)
+        if self.refiner is not None:
+            pred.landmarks = self.refiner.refine(image, affine, pred.landmarks, to_template)
+        return pred, head
+
+    def _first_stage(self, image, affine, to_template, head_segmentation: bool,
+                     centre: np.ndarray | None = None):
+        """The first network on the image's grid (RAS-aligned in template space with
+        ``to_template``): (prediction, head probabilities or None) as ``_predict_pass``. The
+        windows are centred on ``centre`` (world RAS mm) or, when None, where ``locate`` finds
+        the circle."""
         grid = preprocess.network_grid(affine, image.shape, self.config.data.spacing, to_template)
         prep = preprocess.preprocess_image(image, affine, *grid)
         volume, grid_affine = prep["image"], prep["affine"]
-        centre = self.locate(volume, prep["fov_centre"])
+        if centre is None:
+            centre = self.locate(volume, prep["fov_centre"])
+        else:
+            centre = preprocess.world_to_voxel(np.asarray(centre)[None], grid_affine)[0]
         starts, central = windows.sliding_windows(centre, volume.shape, self.window, self.step,
                                                   self.stride)
         origin = starts.min(axis=0)                 # region start on the grid, a multiple of stride
@@ -252,8 +306,6 @@ class Predictor:
                                              kind=self.kind)
         landmarks = preprocess.voxel_to_world(np.asarray(coords[0], np.float64) + origin,
                                               grid_affine)
-        if self.refiner is not None:
-            landmarks = self.refiner.refine(image, affine, landmarks, to_template)
         head = None
         if seg is not None:
             # Over the region, which may stick out of the volume: a grid of its own.
@@ -290,7 +342,12 @@ class Predictor:
         return coords, scores
 
     def locate(self, volume, first_guess, recentre: int = 2) -> np.ndarray:
-        """The centre of the circle on the grid (voxel coords [3]), found without landmarks.
+        """The centre of the circle on the grid (voxel coords [3]), found without landmarks: the
+        centroid of ``locate_landmarks``."""
+        return self.locate_landmarks(volume, first_guess, recentre).mean(axis=0)
+
+    def locate_landmarks(self, volume, first_guess, recentre: int = 2) -> np.ndarray:
+        """The landmarks [19, 3] (grid voxels) of one window on the circle, found without landmarks.
 
         The image-based estimate can be far off (bright structures, a wide or off-centre field of
         view), so the network itself searches: windows at that estimate and on a half-window lattice
@@ -301,8 +358,8 @@ class Predictor:
         candidates = np.concatenate([np.asarray(first_guess, np.float64)[None],
                                      windows.lattice_centres(volume.shape, self.window)])
         coords, scores = self._detect(volume, candidates)
-        centre = coords[np.argmax(scores)].mean(axis=0)
+        found = coords[np.argmax(scores)]
         for _ in range(recentre):
-            coords, _ = self._detect(volume, centre[None])
-            centre = coords[0].mean(axis=0)
-        return centre
+            coords, _ = self._detect(volume, found.mean(axis=0)[None])
+            found = coords[0]
+        return found
