@@ -99,8 +99,8 @@ def run_predict(workdir, input, output, save_segmentation: bool = False, tta: bo
     or ``<output stem>_segments.nii.gz`` next to a single output file) and their 3D Slicer colour
     table (``segments.ctbl``, ``<output stem>_segments.ctbl``); ``figure`` a PNG of the image's
     MIPs with the prediction (``<case>.png``, ``<output stem>.png``: ``write_figure``). ``tta``,
-    ``decode_method``, ``refine``, ``presence`` and ``align`` as ``Predictor.from_workdir``. Returns the
-    written paths.
+    ``decode_method``, ``refine``, ``presence`` and ``align`` as ``Predictor.from_workdir``.
+    Returns the written paths.
     """
     input_path, output = Path(input), Path(output)
     single = input_path.is_file() or io.is_image(input_path)
