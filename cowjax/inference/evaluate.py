@@ -233,7 +233,7 @@ def _decode_description(predictor: Predictor) -> str:
     method = predictor.decode_method
     text = f"{predictor.kind} heatmaps, " + ("argmax" if method == "argmax"
                                               else f"argmax and {method} sub-voxel fit")
-    if predictor.align and predictor.to_template is None:
+    if predictor.aligns:
         text += ("; the grid aligned to the template by the landmarks found in the search for "
                  "the circle")
     text += "; test-time mirror image" if predictor.flip else "; no test-time augmentation"

@@ -196,6 +196,12 @@ class Predictor:
         return cls(config, params, refiner=refiner, flip=tta, decode_method=decode_method,
                    **kwargs)
 
+    @property
+    def aligns(self) -> bool:
+        """Whether images are registered by their landmarks (``align``, and the run registers none
+        of its own)."""
+        return self.align and self.to_template is None
+
     def predict(self, image, affine, segmentation: bool = False,
                 head_segmentation: bool = False) -> Prediction:
         """Landmarks of one image. image: [X, Y, Z] (any orientation, any size); affine: [4, 4]
@@ -255,7 +261,7 @@ class Predictor:
         not map onto themselves. A training-sample template is not symmetric at all."""
         to_template = None if self.to_template is None else self.to_template(image, affine)
         centre = None
-        if self.align and self.to_template is None:
+        if self.aligns:
             grid = preprocess.network_grid(affine, image.shape, self.config.data.spacing)
             prep = preprocess.preprocess_image(image, affine, *grid)
             found = preprocess.voxel_to_world(
