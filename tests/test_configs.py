@@ -183,3 +183,17 @@ def test_validate_checks_the_refinement_stage_as_its_own_config():
     config.refine.crop_shape = (25, 24, 24)
     with pytest.raises(CowjaxError, match=r"crop_shape \(25, 24, 24\)"):
         config_check.validate(config)
+
+
+def test_the_long_recipe_is_the_demo_trained_longer_on_more_subjects():
+    from configs import long
+    r, d = long.get_config().to_dict(), demo.get_config().to_dict()
+    more = {"num_train_steps": (5000, 2000), "checkpoint_every_steps": (500, 200),
+            "eval_every_steps": (500, 200)}
+    for key, (longer, demo_value) in more.items():
+        assert (r.pop(key), d.pop(key)) == (longer, demo_value)
+    assert (r["data"].pop("num_cases"), d["data"].pop("num_cases")) == (320, 160)
+    assert (r["refine"].pop("num_train_steps"), d["refine"].pop("num_train_steps")) == (5000, 2500)
+    assert r == d                                        # everything else is the demo's
+    with pytest.raises(ValueError, match="takes no argument"):
+        long.get_config("seg")
