@@ -22,7 +22,7 @@ Two stages, both trained by the one command:
   under a 3 mm Gaussian prior around the first estimate, and in six patches shifted 2.5 mm along
   the axes (prior shifted with them), the seven positions averaged.
 Both: Adam at lr 1e-3 with a short warmup and cosine decay, translation/rotation/scale/intensity/
-noise/flip augmentation (the first network also sees three examples in ten cut to a random 40-90 mm
+noise/flip augmentation (the first network also sees three examples in ten cut to a random 20-90 mm
 box round the circle, zero outside, as a scan cropped to the circle arrives: ``data.augment.fov_cut``),
 160 synthetic cases (135 train, 9 validation, 16 test): with more subjects the first network leans
 less on the template's shape.

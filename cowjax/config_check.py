@@ -67,7 +67,7 @@ def validate(config) -> None:
     _at_least(config, "data.num_workers", 0)
     _at_least(config, "data.segment_growth_mm", 0.0)
     share, sides = (config.data.augment.get("fov_cut", 0.0),
-                    tuple(config.data.augment.get("fov_cut_mm", (40.0, 90.0))))
+                    tuple(config.data.augment.get("fov_cut_mm", (20.0, 90.0))))
     if not 0.0 <= share <= 1.0:
         raise CowjaxError(f"config.data.augment.fov_cut={share} must be a share, 0 to 1")
     if len(sides) != 2 or not 0 < sides[0] <= sides[1]:

@@ -75,7 +75,8 @@ def default_config() -> ml_collections.ConfigDict:
     a.flip = False                        # left-right flip with channel mirroring
     a.fov_cut = 0.0                       # share of examples whose image is cut to a small random box
                                           # (zero outside), as a scan cropped to the circle arrives
-    a.fov_cut_mm = (40.0, 90.0)           # ... its side, drawn per axis from this range (mm)
+    a.fov_cut_mm = (20.0, 90.0)           # ... its side, drawn per axis from this range (mm; the
+                                          # real TopCoW crop is 21 mm tall: BENCHMARKS.md, 2026-12-03)
 
     c.model = m = ml_collections.ConfigDict()
     m.widths = (16, 32, 64, 128)

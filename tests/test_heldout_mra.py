@@ -95,3 +95,18 @@ def test_field_of_view_benchmark_refuses_a_bad_box_in_one_line(capsys):
     assert mod.main(["models/ready", "--box", "44,38"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --box") and "\n" not in err
+
+
+def test_real_crop_landmarks_are_circle_junctions_and_a_missing_image_is_one_line(tmp_path, capsys):
+    """benchmarks/real_crop.py: the placed landmarks are cow19 junctions (bifurcations whatever
+    the variant) of a crop of the circle; a missing image is refused before any model loads."""
+    spec = importlib.util.spec_from_file_location("real_crop", _PATH.parent / "real_crop.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    names, world = mod.read_truth()
+    assert len(set(names)) == len(names) == 9 and set(names) <= set(anatomy.LANDMARKS)
+    assert not any(n.startswith(("M2_end", "A2_end", "P2_end")) for n in names)
+    assert np.ptp(world, axis=0).max() < 44.0          # all inside a 44 x 38 x 21 mm crop
+    assert mod.main(["models/ready", "--image", str(tmp_path / "none.mha")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "none.mha" in err and "\n" not in err
