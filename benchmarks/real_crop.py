@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     from cowjax.inference.predictor import Predictor
     try:
         names, truth = read_truth()
+        index = [anatomy.LANDMARK_INDEX[n] for n in names]
         image, affine = io.load_image(args.image)
         ways = ([(False, False), (False, True), (True, False), (True, True)] if args.ways
                 else [(True, True)])
@@ -63,8 +64,7 @@ def main(argv=None) -> int:
                 predictor = Predictor.from_workdir(model, refine=refine, tta=tta,
                                                    presence="network")
                 found = predictor.predict(image, affine).landmarks
-                errors = np.linalg.norm(found[[anatomy.LANDMARK_INDEX[n] for n in names]] - truth,
-                                        axis=1)
+                errors = np.linalg.norm(found[index] - truth, axis=1)
                 how = "" if not args.ways else (
                     f" ({'both stages' if refine else 'first network'}, "
                     f"{'mirror averaged' if tta else 'one look'})")

@@ -8,11 +8,12 @@ train, 19 validation, 32 test; the first 160 are the demo's, split otherwise), t
 5000 steps of batch 2 (37 epochs; the demo 30) and the refinement stage 5000 steps of batch 4
 (the demo 2500), validated and checkpointed every 500 steps. On the 2-core dev CPU (2026-12-03):
 making the cases 1.3 min, first network 24 min, refinement stage 11 min, the 32 test cases 5 min
-beside other evaluations. Against the demo's networks (``models/ready``), on eleven held-out sets
-of the independent generator: MRE 2.02 against 2.43 mm (mean of nine sets; every one of the eleven
-better, by 0.33-0.55 mm). It is not the ready model: on the one real TOF-MRA crop here it put the
-ICA termini and P1/P2 junctions 3.5-8.5 mm from the nearest vessel voxel, where the demo's networks
-put them within 0-2 mm (BENCHMARKS.md, 2026-12-03, 13:04-14:15 UTC).
+beside other evaluations. Against the demo's networks of that morning, on eleven held-out sets of
+the independent generator: MRE 2.02 against 2.43 mm (mean of nine sets; every one of the eleven
+better, by 0.33-0.55 mm). It is not the ready model: on the one real TOF-MRA crop here, against 9
+landmarks placed on it (``benchmarks/real_crop.py``), it is 6.97 mm off on average, the demo's
+networks of that morning 3.31 mm and the ready model 1.45 mm (BENCHMARKS.md, 2026-12-03). Those
+figures predate the field-of-view cut's 20-mm floor, which this recipe now inherits from the demo.
 """
 
 from configs import demo
