@@ -19,6 +19,7 @@ import pytest
 from cowjax import devices
 from cowjax.data import batch as batch_lib
 from cowjax.errors import CowjaxError
+from cowjax.model import unet
 from cowjax.training import checkpoint as ckpt
 from cowjax.training import state as state_lib
 from cowjax.training import train
@@ -105,6 +106,20 @@ def test_seed_decides_the_initial_params_and_is_recorded(tmp_path):
     assert any(jax.tree.leaves(differ))
     train.save_config(tiny_config(seed=7), tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["seed"] == 7
+
+
+@pytest.mark.parametrize("which", ["stand-in", "unet"])
+def test_initial_params_are_those_of_model_init_run_op_by_op(which):
+    # init_params compiles the draws in one program at a low optimisation level; the values must be
+    # those of flax's init run eagerly (what the shipped ready model was trained from).
+    config = test_config.get_config()
+    model = TinyNet() if which == "stand-in" else unet.build_model(config)
+    key = jax.random.key(config.seed)
+    eager = model.init(key, jnp.zeros((1, *config.data.crop_shape, 1), jnp.float32))["params"]
+    compiled = state_lib.init_params(model, config)
+    assert jax.tree.structure(compiled) == jax.tree.structure(eager)
+    for a, b in zip(jax.tree.leaves(compiled), jax.tree.leaves(eager)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_nonfinite_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -287,7 +287,7 @@ def test_shared_layer_path_names_a_cownet_kernel(strides, widths, block):
     from cowjax.model import unet
     config = cownet_config(*strides, widths)
     model = unet.build_model(config)
-    params = jax.eval_shape(lambda: unet.init_params(model, jax.random.key(0)))
+    params = unet.param_shapes(model)
     path = weighting.shared_layer_path(config)
     assert path[0] == block
     leaf = params
@@ -304,7 +304,7 @@ def test_every_term_has_a_gradient_at_cownets_shared_layer():
     model = unet.build_model(config)
     r = np.random.default_rng(0)
     # Random values in the params' shapes: compiling model.init costs more than the test.
-    shapes = jax.eval_shape(lambda: unet.init_params(model, jax.random.key(0)))
+    shapes = unet.param_shapes(model)
     params = jax.tree.map(lambda s: 0.3 * r.standard_normal(s.shape).astype(np.float32), shapes)
     batch = make_batch(config, r)
     terms_fn = lambda p: losses.total_loss(model.apply({"params": p}, batch["image"]),  # noqa: E731

@@ -19,6 +19,7 @@ bifurcation 86.8% against 85.5%, one seed each; BENCHMARKS.md.)
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -251,7 +252,30 @@ def build_model(config) -> CowNet:
                                    if heatmaps.kind_for(config) == "gaussian" else 1.0))
 
 
-def init_params(model: CowNet, key: jax.Array) -> dict:
-    """Float32 parameters. They do not depend on the input size, so the smallest valid input is used."""
-    n = 2 ** (len(model.widths) - 1)
-    return jax.jit(model.init)(key, jnp.zeros((1, n, n, n, 1), jnp.float32))["params"]
+def init_params(model: nn.Module, key: jax.Array, shape: Sequence[int] | None = None) -> dict:
+    """Float32 parameters of ``model`` (a ``CowNet``, or any module taking one image). They do not
+    depend on the input's size: ``shape`` [X, Y, Z] is the input traced (default: the smallest a
+    ``CowNet`` takes)."""
+    return _init(model, _input_shape(model, shape), key)
+
+
+def param_shapes(model: nn.Module, shape: Sequence[int] | None = None) -> dict:
+    """``init_params``'s shapes and dtypes (``jax.ShapeDtypeStruct``s), computing nothing."""
+    return jax.eval_shape(functools.partial(_draw, model, _input_shape(model, shape)),
+                          jax.random.key(0))
+
+
+def _input_shape(model, shape) -> tuple[int, ...]:
+    return (2 ** (len(model.widths) - 1),) * 3 if shape is None else tuple(int(n) for n in shape)
+
+
+def _draw(model, shape, key):
+    return model.init(key, jnp.zeros((1, *shape, 1), jnp.float32))["params"]
+
+
+# One program per model, compiled at LLVM level 1: the random draws are integer hashing and
+# IEEE arithmetic, so the level changes no value (tests/test_training.py checks them against
+# ``model.init`` run op by op), only the compile time: 4-7 s against 18-21 s at the default level
+# on a 2-core CPU, and 32-60 s op by op, which compiled every operation of the forward pass on
+# its own. Outside a trace only (a jit with compiler options cannot be nested): ``param_shapes``.
+_init = jax.jit(_draw, static_argnums=(0, 1), compiler_options={"xla_backend_optimization_level": 1})

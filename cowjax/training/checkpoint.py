@@ -216,7 +216,6 @@ def load_for_inference(workdir):
     checkpoint, or when it does not fit the model its config builds (anatomy or shapes).
     """
     from cowjax.model import unet
-    from cowjax.training import state as state_lib
     found = _inference_checkpoint(workdir)
     if found is None and sweep.is_sweep_dir(workdir):
         raise CowjaxError(f"{workdir}: a sweep; its members are the runs ({workdir}/member_<k>), "
@@ -230,7 +229,7 @@ def load_for_inference(workdir):
     # On this process's first device (not where the saving run's processes had them).
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=here),
-                            jax.eval_shape(lambda: state_lib.init_params(model, config)))
+                            unet.param_shapes(model, config.data.crop_shape))
     check_compatible(directory, step, meta, mgr.item_metadata(step)["params"], abstract)
     params = mgr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract)))["params"]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from cowjax import weighting
+from cowjax.model import unet
 
 
 def learning_rate_schedule(config):
@@ -38,8 +39,7 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 def init_params(model, config):
     """Parameters from ``config.seed`` (float32 whatever the compute dtype)."""
-    image = jnp.zeros((1, *config.data.crop_shape, 1), jnp.float32)
-    return model.init(jax.random.key(config.seed), image)["params"]
+    return unet.init_params(model, jax.random.key(config.seed), config.data.crop_shape)
 
 
 def create_state(params, tx, config) -> dict:
@@ -50,4 +50,5 @@ def create_state(params, tx, config) -> dict:
 
 def abstract_state(model, config, tx) -> dict:
     """Shapes and dtypes of the state, without computing it (for restoring checkpoints)."""
-    return jax.eval_shape(lambda: create_state(init_params(model, config), tx, config))
+    params = unet.param_shapes(model, config.data.crop_shape)
+    return jax.eval_shape(lambda p: create_state(p, tx, config), params)
