@@ -275,7 +275,8 @@ def _draw(model, shape, key):
 
 # One program per model, compiled at LLVM level 1: the random draws are integer hashing and
 # IEEE arithmetic, so the level changes no value (tests/test_training.py checks them against
-# ``model.init`` run op by op), only the compile time: 4-7 s against 18-21 s at the default level
-# on a 2-core CPU, and 32-60 s op by op, which compiled every operation of the forward pass on
-# its own. Outside a trace only (a jit with compiler options cannot be nested): ``param_shapes``.
+# ``model.init`` run op by op), only the compile time: for the demo's first network on a 2-core CPU
+# 4-7 s, against 20 s at the default level and 25-40 s op by op, which compiled every operation of
+# the forward pass on its own (BENCHMARKS.md, 2026-12-03). Outside a trace only (a jit with
+# compiler options cannot be nested there): ``param_shapes`` for the shapes.
 _init = jax.jit(_draw, static_argnums=(0, 1), compiler_options={"xla_backend_optimization_level": 1})
