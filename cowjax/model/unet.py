@@ -279,4 +279,5 @@ def _draw(model, shape, key):
 # 4-7 s, against 20 s at the default level and 25-40 s op by op, which compiled every operation of
 # the forward pass on its own (BENCHMARKS.md, 2026-12-03). Outside a trace only (a jit with
 # compiler options cannot be nested there): ``param_shapes`` for the shapes.
-_init = jax.jit(_draw, static_argnums=(0, 1), compiler_options={"xla_backend_optimization_level": 1})
+_init = jax.jit(_draw, static_argnums=(0, 1),
+                compiler_options={"xla_backend_optimization_level": 1})
