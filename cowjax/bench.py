@@ -109,7 +109,7 @@ def compiled_train_step(model, config, loss_fn=None, members=None):
     mesh = devices.data_mesh(config.batch_size)
     per_call = devices.steps_per_call(config.train.steps_per_call)
     step = train.compile_train_step(train.make_train_step(model, config, tx, loss_fn, members),
-                                    mesh)
+                                    mesh, config.train.get("cpu_opt_level"))
     params = unet.init_params(model, jax.random.key(config.seed))
     states = [state_lib.create_state(params, tx, c) for c in members or [config]]
     state = states[0] if members is None else sweep.stack(states)

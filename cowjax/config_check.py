@@ -64,6 +64,10 @@ def validate(config) -> None:
     for name in steps:
         _at_least(config, name, 1)
     _at_least(config, "train.steps_per_call", 0, "0 (auto) or positive")
+    level = config.train.get("cpu_opt_level")
+    if level is not None and level not in (0, 1, 2, 3):
+        raise CowjaxError(f"config.train.cpu_opt_level={level} must be 0-3 (XLA's CPU "
+                          f"optimisation level) or None (XLA's default)")
     _at_least(config, "data.num_workers", 0)
     _at_least(config, "data.segment_growth_mm", 0.0)
     share, sides = (config.data.augment.get("fov_cut", 0.0),

@@ -10,6 +10,7 @@ On GPU/TPU nothing changes: the CPU devices are not the default backend's.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -86,6 +87,41 @@ def batch_error(batch_size: int) -> str | None:
         return (f"config.batch_size={batch_size} must be a multiple of the {n} devices of the "
                 f"{jax.process_count()} processes")
     return None
+
+
+# XLA's CPU backend at LLVM optimisation level 1 instead of its default. The convolutions and
+# dots are library kernels, which the level does not touch; it sets how long LLVM works on the
+# generated fusions. Inference's forward passes compile sooner at the same run time (the demo's
+# first case some 5 s sooner; the paper network's forward 1.54 against 1.52 s, within noise);
+# a train step compiles in a third of the time but may run slower (the paper network's 6%), so
+# the train step takes its level from ``config.train.cpu_opt_level`` (BENCHMARKS.md, 2026-12-04).
+CPU_OPT_LEVEL = 1
+
+
+def compiler_options(mesh: Mesh | None = None, level: int | None = CPU_OPT_LEVEL) -> dict | None:
+    """``jax.jit``'s compiler options for a program on ``mesh`` (default: the default backend):
+    XLA's CPU backend optimisation level ``level`` on a CPU; None (XLA's own) on GPU/TPU or for
+    ``level`` None."""
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    if platform != "cpu" or level is None:
+        return None
+    return {"xla_backend_optimization_level": int(level)}
+
+
+def jit(fun, **kwargs):
+    """``jax.jit(fun, **kwargs)`` with ``compiler_options()`` for the default backend, looked up at
+    the first call: a module-level function jitted here does not start the backend on import
+    (which ``jax.distributed.initialize`` must precede). Not inside a trace (a jit with compiler
+    options cannot be nested in one)."""
+    jitted = {}
+
+    @functools.wraps(fun)
+    def call(*args, **kw):
+        backend = jax.default_backend()
+        if backend not in jitted:
+            jitted[backend] = jax.jit(fun, compiler_options=compiler_options(), **kwargs)
+        return jitted[backend](*args, **kw)
+    return call
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -155,6 +155,7 @@ def test_epochs_count_nothing_by_default():
     ("train", "nonfinite", "ignore", "config.train.nonfinite: unknown 'ignore'"),
     ("train", "matmul_precision", "tf32", "config.train.matmul_precision: unknown 'tf32'"),
     ("train", "steps_per_call", -1, "config.train.steps_per_call=-1 must be 0 (auto)"),
+    ("train", "cpu_opt_level", 5, "config.train.cpu_opt_level=5 must be 0-3"),
     ("data", "crop_centre", "nowhere", "config.data.crop_centre: unknown 'nowhere'"),
     ("data", "registration", "affine", "config.data.registration: unknown 'affine'"),
     ("data", "crop_shape", (31, 32, 16), "config.data.crop_shape (31, 32, 16): every side must be "

@@ -47,6 +47,25 @@ def test_loss_falls_when_overfitting_one_batch():
     assert losses[-1] < 0.97 * losses[0], losses
 
 
+def test_cpu_opt_level_compiles_the_same_steps():
+    # XLA's CPU optimisation level (config.train.cpu_opt_level) is a compile-time setting: the
+    # steps it compiles compute what the default level's do, to float rounding.
+    config = tiny_config()
+    model, tx = TinyNet(), state_lib.make_optimizer(config)
+    mesh = train.make_mesh(config.batch_size)
+    batches = tuple(train.to_device(batch_lib.random_batch(config, index=i), mesh) for i in range(3))
+    losses = {}
+    for level in (None, 1):
+        params = state_lib.init_params(model, config)     # the state is donated: a new one each
+        assert devices.compiler_options(mesh, level) == (
+            None if level is None else {"xla_backend_optimization_level": level})
+        step = train.compile_train_step(train.make_train_step(model, config, tx), mesh, level)
+        state, metrics = step(state_lib.create_state(params, tx, config), batches)
+        losses[level] = np.asarray(metrics["loss"])
+    np.testing.assert_allclose(losses[1], losses[None], rtol=1e-5)
+    assert losses[1][-1] < losses[1][0]
+
+
 def test_train_call_makes_no_host_device_transfers():
     # State and batches on the devices: a call of k steps reads and writes nothing on the host.
     config = tiny_config()

@@ -76,7 +76,7 @@ class Prediction:
         return np.where(anatomy.LANDMARK_DEPENDS, p, 1.0).min(axis=-1)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(devices.jit, static_argnums=(0, 1))
 def _network(model, kind, params, images):
     """The default ``Predictor.forward``. Module-level so Predictors of one model share the
     compilation."""

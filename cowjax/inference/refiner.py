@@ -34,7 +34,7 @@ def decode_with_prior(logits, channels, centres, sigma_vox, method: str = heatma
     return heatmaps.decode(logits + log_prior, method, kind="logits")[0][:, 0]
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(devices.jit, static_argnums=(0, 1))
 def _patch_landmarks(model, method, params, patches, channels, centres, sigma_vox):
     """Patches [B, X, Y, Z, 1] -> ``decode_with_prior`` of the patch network's heatmaps."""
     logits = model.apply({"params": params}, patches)["heatmaps"]

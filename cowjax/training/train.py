@@ -138,12 +138,14 @@ def chain_steps(step_fn):
     return steps
 
 
-def compile_train_step(step_fn, mesh: Mesh):
+def compile_train_step(step_fn, mesh: Mesh, cpu_opt_level: int | None = None):
     """jit of ``chain_steps(step_fn)``: every batch split over 'data', the state replicated and
-    donated. A tuple of k batches runs k steps (one compilation per k)."""
+    donated. A tuple of k batches runs k steps (one compilation per k). ``cpu_opt_level``: XLA's
+    CPU optimisation level (``config.train.cpu_opt_level``; None: XLA's default)."""
     replicated = devices.replicated(mesh)
     return jax.jit(chain_steps(step_fn), in_shardings=(replicated, devices.split(mesh)),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+                   out_shardings=(replicated, replicated), donate_argnums=0,
+                   compiler_options=devices.compiler_options(mesh, cpu_opt_level))
 
 
 def to_device(batch: dict, mesh: Mesh) -> dict:
@@ -164,7 +166,7 @@ def make_eval_fn(model, config):
     """Jitted ``(params, image [B,X,Y,Z,1]) -> coords [B,19,3]`` crop voxel coords."""
     kind = heatmaps.kind_for(config)
 
-    @jax.jit
+    @devices.jit
     def predict(params, image):
         out = model.apply({"params": params}, image)["heatmaps"]
         return heatmaps.decode(out, stride=config.model.heatmap_stride, kind=kind)[0]
@@ -291,7 +293,7 @@ def run_training(config, workdir, model, train_iter, val_examples, desc: str = "
            for n, (c, _) in runs.items()}
     step_fn = make_train_step(model, config, tx,
                               members=None if members is None else [c for c, _ in runs.values()])
-    train_step = compile_train_step(step_fn, mesh)
+    train_step = compile_train_step(step_fn, mesh, config.train.get("cpu_opt_level"))
     eval_fn = make_eval_fn(model, config)
 
     def save(step, position, mres, latest):
