@@ -200,10 +200,12 @@ def _spatial_mesh(model, shape):
 
 
 def _bench_inference(model, params, config, repeats):
-    forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
     for name, shape in (("crop", tuple(config.data.crop_shape)),
                         ("whole_volume", whole_volume_shape(config))):
         mesh = _spatial_mesh(model, shape)
+        # Compiled as prediction compiles (``devices.jit``: XLA's CPU level 1 on a CPU).
+        forward = jax.jit(lambda p, x: model.apply({"params": p}, x),
+                          compiler_options=devices.compiler_options(mesh))
         x = jax.random.normal(jax.random.key(2), (1, *shape, 1), jnp.float32)
         along_x = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
         x = jax.device_put(x, along_x)
