@@ -149,12 +149,12 @@ def default_config() -> ml_collections.ConfigDict:
                                           # inference: "highest" (true float32, as on a CPU),
                                           # "high" or "default" (on NVIDIA GPUs TF32: faster, about 3
                                           # fewer significant digits; JAX's own default)
-    t.cpu_opt_level = config_dict.placeholder(int)  # XLA's CPU optimisation level for the train
+    t.cpu_opt_level = config_dict.placeholder(int)  # XLA's CPU optimisation level of the train
                                           # step (xla_backend_optimization_level); None: XLA's
-                                          # default. 1 compiles the demo's step in a third of the
-                                          # time at the same step time, but runs the paper
-                                          # network's 6% slower (BENCHMARKS.md, 2026-12-04).
-                                          # Inference compiles at 1 on a CPU; GPU/TPU: unused
+                                          # default. 1 compiles the demo's step in half the time
+                                          # (a third on AVX2) at the same step time but runs the
+                                          # paper network's 6% slower (BENCHMARKS.md, 2026-12-04).
+                                          # Inference compiles at 1 on a CPU. GPU/TPU: unused
     t.sweep_impl = "auto"                 # how a sweep's members share the step: "vmap" (one step
                                           # vmapped over them), "unroll" (each member's own step,
                                           # side by side in the program: on a CPU, where XLA runs

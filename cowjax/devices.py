@@ -93,8 +93,8 @@ def batch_error(batch_size: int) -> str | None:
 # dots are library kernels, which the level does not touch; it sets how long LLVM works on the
 # generated fusions. Inference's forward passes compile sooner at the same run time (the demo's
 # first case some 5 s sooner; the paper network's forward 1.54 against 1.52 s, within noise);
-# a train step compiles in a third of the time but may run slower (the paper network's 6%), so
-# the train step takes its level from ``config.train.cpu_opt_level`` (BENCHMARKS.md, 2026-12-04).
+# a train step compiles in a third to a half of the time but may run slower (the paper network's
+# 6%), so it takes its level from ``config.train.cpu_opt_level`` (BENCHMARKS.md, 2026-12-04).
 CPU_OPT_LEVEL = 1
 
 

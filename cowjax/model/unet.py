@@ -273,10 +273,10 @@ def _draw(model, shape, key):
     return model.init(key, jnp.zeros((1, *shape, 1), jnp.float32))["params"]
 
 
-# One program per model, compiled at LLVM level 1 on a CPU (``devices.jit``): the random draws are integer hashing and
-# IEEE arithmetic, so the level changes no value (tests/test_training.py checks them against
-# ``model.init`` run op by op), only the compile time: for the demo's first network on a 2-core CPU
-# 4-7 s, against 20 s at the default level and 25-40 s op by op, which compiled every operation of
-# the forward pass on its own (BENCHMARKS.md, 2026-12-03). Outside a trace only (a jit with
-# compiler options cannot be nested there): ``param_shapes`` for the shapes.
+# One program per model, compiled at LLVM level 1 on a CPU (``devices.jit``): the random draws are
+# integer hashing and IEEE arithmetic, so the level changes no value (tests/test_training.py checks
+# them against ``model.init`` run op by op), only the compile time: for the demo's first network on
+# a 2-core CPU 4-7 s, against 20 s at the default level and 25-40 s op by op, which compiled every
+# operation of the forward pass on its own (BENCHMARKS.md, 2026-12-03). Outside a trace only (a jit
+# with compiler options cannot be nested there): ``param_shapes`` for the shapes.
 _init = devices.jit(_draw, static_argnums=(0, 1))
