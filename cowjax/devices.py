@@ -113,14 +113,13 @@ def jit(fun, **kwargs):
     the first call: a module-level function jitted here does not start the backend on import
     (which ``jax.distributed.initialize`` must precede). Not inside a trace (a jit with compiler
     options cannot be nested in one)."""
-    jitted = {}
+    @functools.cache
+    def jitted():
+        return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
 
     @functools.wraps(fun)
     def call(*args, **kw):
-        backend = jax.default_backend()
-        if backend not in jitted:
-            jitted[backend] = jax.jit(fun, compiler_options=compiler_options(), **kwargs)
-        return jitted[backend](*args, **kw)
+        return jitted()(*args, **kw)
     return call
 
 
