@@ -6,10 +6,12 @@
 #      --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any --no-deps
 #      -d .whl grain array-record ml-collections nibabel portpicker; carry .whl along);
 #   2. prints the devices;
-#   3. benches configs/paper.py in float32 and bfloat16: train-step time, achieved FLOP/s and its
-#      fraction of the device's peak, peak device memory, whole-volume inference at the paper's
-#      spacing (`launch.py --mode=bench`);
-#   4. trains 200 steps of configs/paper.py on a small synthetic set and prints the loss falling.
+#   3. benches configs/paper.py in float32 (matmul precision "highest", the default: true float32),
+#      float32 at "default" (TF32 on NVIDIA GPUs) and bfloat16: train-step time, achieved FLOP/s and
+#      its fraction of the device's peak, peak device memory, whole-volume inference at the paper's
+#      spacing, and (first row) whether the input pipeline keeps up (`launch.py --mode=bench`);
+#   4. trains 200 steps of configs/paper.py on a small synthetic set, in TF32 (at "highest" the
+#      200 steps alone took 4 minutes on an H200), and prints the loss falling.
 #
 #   bash benchmarks/device_check.sh [OUT_DIR]          # OUT_DIR defaults to $OUT, else /tmp/device_check
 #   QUICK=1 bash benchmarks/device_check.sh /tmp/dc    # the same steps at test size (a CPU smoke run)
@@ -26,7 +28,7 @@ py=${PYTHON:-python3}
 config=configs/paper.py
 train_overrides=(--config.num_epochs=0 --config.num_train_steps=200 --config.data.num_cases=24
                  --config.log_every_steps=20 --config.eval_every_steps=200
-                 --config.checkpoint_every_steps=200)
+                 --config.checkpoint_every_steps=200 --config.train.matmul_precision=default)
 if [[ -n "${QUICK:-}" ]]; then
     config=configs/test.py
     train_overrides=(--config.num_train_steps=20 --config.log_every_steps=5)
@@ -61,11 +63,15 @@ step "2. devices"
 "$py" -c "import jax; print(jax.__version__, jax.default_backend(), jax.devices())"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
 
-for dtype in float32 bfloat16; do
-    step "3. bench $config, $dtype"
-    "$py" launch.py --mode=bench --config="$config" --config.model.dtype=$dtype \
-        --parts=model,step,inference,memory
-done
+bench() {  # $1: a label, then launch.py's overrides
+    step "3. bench $config, $1"
+    "$py" launch.py --mode=bench --config="$config" "${@:2}"
+}
+bench "float32, highest" --config.model.dtype=float32 --config.train.matmul_precision=highest \
+    --parts=model,step,inference,pipeline,memory
+bench "float32, default (TF32)" --config.model.dtype=float32 \
+    --config.train.matmul_precision=default --parts=step,inference,memory
+bench "bfloat16" --config.model.dtype=bfloat16 --parts=step,inference,memory
 
 step "4. train 200 steps of $config"
 rm -rf "$out/train"

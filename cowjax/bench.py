@@ -34,14 +34,20 @@ from cowjax.errors import CowjaxError
 from cowjax.model import unet
 
 PARTS = ("model", "step", "step_mse", "sweep", "inference", "pipeline", "synthetic", "memory")
-# Dense peak FLOP/s by device kind and compute dtype (vendor datasheets; float32 is the plain,
-# non-tensor-core rate that "highest" matmul precision runs at), for the fraction of peak.
-PEAK_FLOPS = {"NVIDIA H200": {"float32": 67e12, "bfloat16": 989e12},
-              "NVIDIA H100 80GB HBM3": {"float32": 67e12, "bfloat16": 989e12},
-              "NVIDIA A100-SXM4-80GB": {"float32": 19.5e12, "bfloat16": 312e12}}
+# Dense peak FLOP/s by device kind and arithmetic (vendor datasheets): "float32" is the plain rate
+# that matmul precision "highest" runs at, "tf32" the tensor-core rate NVIDIA GPUs run float32
+# convolutions at under "high" and "default".
+PEAK_FLOPS = {"NVIDIA H200": {"float32": 67e12, "tf32": 494.7e12, "bfloat16": 989e12},
+              "NVIDIA H100 80GB HBM3": {"float32": 67e12, "tf32": 494.7e12, "bfloat16": 989e12},
+              "NVIDIA A100-SXM4-80GB": {"float32": 19.5e12, "tf32": 156e12, "bfloat16": 312e12}}
 
 
-def _fraction_of_peak(flops_per_s, dtype: str):
+def _fraction_of_peak(flops_per_s, config):
+    """Achieved over the device's peak for the config's arithmetic (None where the peak is not
+    known, as on a CPU)."""
+    dtype = config.model.dtype
+    if dtype == "float32" and config.train.get("matmul_precision", "highest") != "highest":
+        dtype = "tf32" if jax.devices()[0].platform == "gpu" else dtype
     peak = PEAK_FLOPS.get(jax.devices()[0].device_kind, {}).get(dtype)
     return round(flops_per_s / peak, 4) if flops_per_s and peak else None
 
@@ -80,8 +86,11 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _flops(compiled) -> float | None:
-    analysis = compiled.cost_analysis()
+def _flops(lowered) -> float | None:
+    """The FLOPs of a lowered program, all devices together, as written (XLA's cost analysis
+    before the backend's passes: the same count on every device; after them a GPU's cuDNN
+    convolutions are not counted)."""
+    analysis = lowered.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older JAX: one dict per device program
         analysis = analysis[0] if analysis else {}
     flops = (analysis or {}).get("flops")
@@ -100,7 +109,14 @@ def compiled_train_step(model, config, loss_fn=None, members=None):
     non-finite guard, chained ``devices.steps_per_call`` steps per call), compiled for one random
     batch (``data.batch.random_batch``) on ``devices.data_mesh``: (compiled, state, batches, mesh).
     ``loss_fn`` replaces the project's loss (``mse_loss`` for the side-by-side with PyTorch);
-    ``members`` (a sweep's member configs) makes it the sweep's step, on their stacked states."""
+    ``members`` (a sweep's member configs) makes it the sweep's step, on their stacked states.
+    (``_time_step`` takes the lowered program too: ``lowered_train_step``.)"""
+    lowered, state, batches, mesh = lowered_train_step(model, config, loss_fn, members)
+    return lowered.compile(), state, batches, mesh
+
+
+def lowered_train_step(model, config, loss_fn=None, members=None):
+    """``compiled_train_step`` before compilation: (lowered, state, batches, mesh)."""
     from cowjax.data import batch as batch_lib
     from cowjax.training import state as state_lib
     from cowjax.training import sweep, train
@@ -116,7 +132,7 @@ def compiled_train_step(model, config, loss_fn=None, members=None):
     state = jax.device_put(state, devices.replicated(mesh))
     batch = train.to_device(batch_lib.random_batch(config, seed=1), mesh)
     batches = (batch,) * per_call
-    return step.lower(state, batches).compile(), state, batches, mesh
+    return step.lower(state, batches), state, batches, mesh
 
 
 def _time_step(model, config, repeats, loss_fn=None, members=None) -> dict:
@@ -124,10 +140,10 @@ def _time_step(model, config, repeats, loss_fn=None, members=None) -> dict:
     step, all devices; None where XLA does not say), "devices", "per_call"}."""
     per_call = devices.steps_per_call(config.train.steps_per_call)
     t = time.perf_counter()
-    compiled, state, batches, mesh = compiled_train_step(model, config, loss_fn, members)
+    lowered, state, batches, mesh = lowered_train_step(model, config, loss_fn, members)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t
-    # An SPMD program's cost analysis counts one device's share.
-    flops = _flops(compiled)
+    flops = _flops(lowered)
     holder = [state]
 
     def run():
@@ -136,7 +152,7 @@ def _time_step(model, config, repeats, loss_fn=None, members=None) -> dict:
 
     run()  # first call: allocation and warm-up
     return {"step_s": median_time(run, repeats) / per_call, "compile_s": compile_s,
-            "flops": flops * mesh.size / per_call if flops else None, "devices": mesh.size,
+            "flops": flops / per_call if flops else None, "devices": mesh.size,
             "per_call": per_call}
 
 
@@ -145,12 +161,13 @@ def _bench_step(part, model, config, shape, repeats, use_project_loss):
     timed = _time_step(model, config, repeats, loss_fn)
     sec, flops = timed["step_s"], timed["flops"]
     voxels = config.batch_size * int(np.prod(shape))
-    _emit(part, loss=loss_name, conv_impl=config.model.conv_impl,
+    _emit(part, loss=loss_name, conv_impl=config.model.conv_impl, dtype=config.model.dtype,
+          matmul_precision=config.train.get("matmul_precision", "highest"),
           batch=config.batch_size, devices=timed["devices"], input=list(shape),
           steps_per_call=timed["per_call"], step_s=round(sec, 4), steps_per_s=round(1 / sec, 3),
           voxels_per_s=round(voxels / sec), compile_s=round(timed["compile_s"], 1),
           flops_per_step=flops, gflops_per_s=round(flops / sec / 1e9, 1) if flops else None,
-          fraction_of_peak=_fraction_of_peak(flops / sec if flops else None, config.model.dtype),
+          fraction_of_peak=_fraction_of_peak(flops / sec if flops else None, config),
           peak_device_mb=_peak_device_mb())
     return sec
 
@@ -210,9 +227,9 @@ def _bench_inference(model, params, config, repeats):
         along_x = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
         x = jax.device_put(x, along_x)
         params = jax.device_put(params, devices.replicated(mesh))
-        compiled = forward.lower(params, x).compile()
-        flops = _flops(compiled)
-        flops = flops * mesh.size if flops else None  # one device's share, times the devices
+        lowered = forward.lower(params, x)
+        compiled = lowered.compile()
+        flops = _flops(lowered)
 
         def run():
             jax.block_until_ready(compiled(params, x))
@@ -220,14 +237,19 @@ def _bench_inference(model, params, config, repeats):
         run()
         sec = median_time(run, repeats if name == "crop" else min(repeats, 2))
         _emit("inference", volume=name, input=list(shape), spacing=list(config.data.spacing),
-              conv_impl=config.model.conv_impl, devices=mesh.size, forward_s=round(sec, 4),
+              conv_impl=config.model.conv_impl, dtype=config.model.dtype,
+              matmul_precision=config.train.get("matmul_precision", "highest"),
+              devices=mesh.size, forward_s=round(sec, 4),
               voxels_per_s=round(int(np.prod(shape)) / sec),
-              gflops_per_s=round(flops / sec / 1e9, 1) if flops else None)
+              gflops_per_s=round(flops / sec / 1e9, 1) if flops else None,
+              fraction_of_peak=_fraction_of_peak(flops / sec if flops else None, config))
 
 
 def _bench_pipeline(config, step_s, batches):
     try:
         from cowjax.data import pipeline
+        from cowjax.registration import intensity
+        from cowjax.training import train
     except ImportError:
         return _emit("pipeline", skipped="cowjax.data.pipeline is not there")
     small = config.copy_and_resolve_references()
@@ -235,8 +257,11 @@ def _bench_pipeline(config, step_s, batches):
     with tempfile.TemporaryDirectory() as tmp:
         small.data.data_dir = f"{tmp}/data"
         split = pipeline.prepare_data(small, f"{tmp}/run")
+        small = train.resolve_config(small, f"{tmp}/run", split)    # the template, if registered
         t = time.perf_counter()
-        it = pipeline.train_loader(small, split["train"], f"{tmp}/cache")  # preprocesses all cases
+        # Preprocesses (registers) every training case first, as training does.
+        it = pipeline.train_loader(small, split["train"], f"{tmp}/cache",
+                                   intensity.template_registration(small.data))
         first_s = time.perf_counter() - t
         # From the first batch on, so read-ahead buffers cannot hide the production rate.
         t = time.perf_counter()
@@ -268,6 +293,7 @@ def run_bench(config, parts=PARTS, repeats: int = 5) -> None:
     if unknown:
         raise CowjaxError(f"--parts: unknown {unknown}; choose from {list(PARTS)}")
     config_check.validate(config)
+    devices.use_matmul_precision(config)   # as training and prediction run float32
     model = unet.build_model(config)
     shape = tuple(int(n) for n in config.data.crop_shape)
     params = unet.init_params(model, jax.random.key(config.seed))

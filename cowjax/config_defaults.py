@@ -148,7 +148,9 @@ def default_config() -> ml_collections.ConfigDict:
     t.matmul_precision = "highest"        # float32 matrix products and convolutions, training and
                                           # inference: "highest" (true float32, as on a CPU),
                                           # "high" or "default" (on NVIDIA GPUs TF32: faster, about 3
-                                          # fewer significant digits; JAX's own default)
+                                          # fewer significant digits; JAX's own default). The paper
+                                          # network's step on an H200: 1.21 s at "highest", 0.117 s
+                                          # at "default" (BENCHMARKS.md, 2026-12-04)
     t.cpu_opt_level = config_dict.placeholder(int)  # XLA's CPU optimisation level of the train
                                           # step (xla_backend_optimization_level); None: XLA's
                                           # default. 1 compiles the demo's step in half the time

@@ -152,6 +152,18 @@ def use_matmul_precision(config) -> None:
                       config.train.get("matmul_precision", "highest"))
 
 
+def precision_note(config) -> str | None:
+    """A line for a run about to compute float32 at "highest" on a GPU (None otherwise): true
+    float32 convolutions ran the paper network's train step 10x slower than TF32 on an H200
+    (BENCHMARKS.md, 2026-12-04), so the user learns the cost and the switch before a long run."""
+    if (jax.default_backend() != "gpu" or config.model.dtype != "float32"
+            or config.train.get("matmul_precision", "highest") != "highest"):
+        return None
+    return ("note: float32 convolutions at matmul precision 'highest' (true float32) are slow on "
+            "a GPU: 10x TF32's step time on an H200 (BENCHMARKS.md). For speed: "
+            "--config.train.matmul_precision=default (TF32) or --config.model.dtype=bfloat16")
+
+
 # ``launch.py --windows_per_call``: inference windows per network call (0: ``window_batch``'s
 # default). A process-wide setting, as the device count is.
 WINDOWS_PER_CALL = 0

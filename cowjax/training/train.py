@@ -20,6 +20,7 @@ import collections
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -422,6 +423,9 @@ def train_and_evaluate(config, workdir) -> dict:
         devices.start_processes()   # launch.py has already, with its --coordinator flags
     config_check.validate(config)   # before any data is made or written
     devices.use_matmul_precision(config)
+    note = devices.precision_note(config)
+    if note and jax.process_index() == 0:
+        print(note, file=sys.stderr)
     workdir = Path(workdir)
     if sweep.is_sweep_dir(workdir) and not sweep.is_sweep(config):
         raise CowjaxError(f"{workdir} holds a sweep ({sweep.RECORD}); train a run in another "
