@@ -109,8 +109,7 @@ def compiled_train_step(model, config, loss_fn=None, members=None):
     non-finite guard, chained ``devices.steps_per_call`` steps per call), compiled for one random
     batch (``data.batch.random_batch``) on ``devices.data_mesh``: (compiled, state, batches, mesh).
     ``loss_fn`` replaces the project's loss (``mse_loss`` for the side-by-side with PyTorch);
-    ``members`` (a sweep's member configs) makes it the sweep's step, on their stacked states.
-    (``_time_step`` takes the lowered program too: ``lowered_train_step``.)"""
+    ``members`` (a sweep's member configs) makes it the sweep's step, on their stacked states."""
     lowered, state, batches, mesh = lowered_train_step(model, config, loss_fn, members)
     return lowered.compile(), state, batches, mesh
 
