@@ -35,6 +35,12 @@ def heatmap_l2(pred, target, landmark_mask):
     the mean of the background MSE and the foreground MSE, so the few voxels near the landmark
     count as much as the whole background. Channels with landmark_mask 0 are left out.
 
+    Its plateau: for a Gaussian target the foreground is a ball whose size scales with sigma, so a
+    constant map scores the same at any sigma, about 0.024 for zeros and 0.019 at its best
+    (0.065), while the right Gaussian in the wrong place scores about 0.024. A flat map beats a
+    misplaced peak, so training can sit near 0.02 with its argmax anywhere (BENCHMARKS.md,
+    2026-12-05).
+
     pred, target: [B,x,y,z,L]; landmark_mask: [B,L]. Returns a scalar.
     """
     sq = jnp.square(pred - target)

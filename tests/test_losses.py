@@ -1,11 +1,12 @@
-"""Losses against values computed by hand or with numpy on tiny arrays."""
+"""Losses against values computed by hand, with numpy or by quadrature on tiny arrays."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import integrate
 
-from cowjax import anatomy, losses
+from cowjax import anatomy, heatmaps, losses
 from configs import test as test_config
 
 
@@ -34,6 +35,26 @@ def test_heatmap_l2_weights_foreground_by_ratio():
     mask = np.ones((1, 1))
     np.testing.assert_allclose(losses.heatmap_l2(err_fg, target, mask),
                                losses.heatmap_l2(err_bg, target, mask), rtol=1e-6)
+
+
+@pytest.mark.parametrize("sigma", [1.5, 3.0])
+def test_heatmap_l2_prefers_a_flat_map_to_a_misplaced_peak(sigma):
+    # The plateau its docstring describes. In the continuum the foreground (t > 0.01) is the ball
+    # u = r / sigma < U, U^2 = 2 ln 100, so the zero map scores 0.5 * mean(t^2) there (the
+    # background's t is below 0.01), the same at any sigma; a constant c scores
+    # 0.5 * (mean((c - t)^2) + c^2), least at half the foreground's mean of t.
+    u_max = np.sqrt(2 * np.log(1 / losses.FOREGROUND_THRESHOLD))
+    ball = u_max ** 3 / 3
+    mean_t = integrate.quad(lambda u: np.exp(-u ** 2 / 2) * u ** 2, 0, u_max)[0] / ball
+    mean_t2 = integrate.quad(lambda u: np.exp(-u ** 2) * u ** 2, 0, u_max)[0] / ball
+    shape, mask = (48, 48, 48), np.ones((1, 1))
+    target = heatmaps.gaussian(np.array([[[12.0, 24.0, 24.0]]]), shape, sigma)
+    misplaced = heatmaps.gaussian(np.array([[[36.0, 24.0, 24.0]]]), shape, sigma)
+    zero = losses.heatmap_l2(jnp.zeros_like(target), target, mask)
+    flat = losses.heatmap_l2(jnp.full_like(target, mean_t / 2), target, mask)
+    np.testing.assert_allclose(zero, 0.5 * mean_t2, rtol=0.03)
+    np.testing.assert_allclose(flat, 0.5 * (mean_t2 - mean_t ** 2 / 2), rtol=0.03)
+    assert flat < losses.heatmap_l2(misplaced, target, mask) < 1.1 * zero
 
 
 def test_heatmap_softmax_ce_hand_value():
