@@ -38,7 +38,7 @@ As the paper, and how the synthetic default differs:
 
 A heatmap term near 0.02 may be a constant map (``losses.heatmap_l2``): the validation MRE tells.
 At 2 mm on the synthetic set the network stayed 42-48 mm off for 6000 steps at lr 1e-4 and was
-25-31 mm off after 1500 at ``--config.optim.learning_rate=1e-3`` (BENCHMARKS.md, 2026-12-05).
+24-26 mm off after 3000-4000 at ``--config.optim.learning_rate=1e-3`` (BENCHMARKS.md, 2026-12-05).
 """
 
 from cowjax.config_defaults import apply_ablation, default_config
