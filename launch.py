@@ -35,6 +35,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cowjax import huge_pages
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config "
@@ -258,4 +260,5 @@ def _parse_flags(argv):
 
 
 if __name__ == "__main__":
+    huge_pages.restart_with_huge_pages()   # XLA's per-call CPU memory in 2 MB pages (a restart)
     app.run(main, flags_parser=_parse_flags)
