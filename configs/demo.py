@@ -30,7 +30,7 @@ Measured on 2-core dev CPUs (one JAX device per core, four steps per jitted call
 per first-stage step and 0.1 s per refinement step; the whole command from a fresh clone (install,
 data, both stages, test evaluation) in 14-23 minutes with AVX-512 (2026-12-03: 19 min 51 s and 21 min
 56 s; 2026-12-04, the train steps at XLA's level 1: 19 min 44 s; 2026-12-05, a fast hour, without the
-install: 13 min 46 s; README has the output), 26.5
+install: 13 min 46 s, and with huge pages 13 min 21 s; README has the output), 26.5
 minutes on an AVX2-only CPU (2026-12-03, without the install, before level 1).
 """
 
