@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cowjax import bench, devices  # noqa: E402
+from cowjax import bench, devices, huge_pages  # noqa: E402
 from cowjax.model import unet  # noqa: E402
 
 
@@ -79,4 +79,5 @@ def main():
 
 
 if __name__ == "__main__":
+    huge_pages.restart_with_huge_pages()   # as launch.py runs the step
     main()
