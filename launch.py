@@ -23,7 +23,9 @@ compares them in one report, as the ablation's.
 Several processes train one run when each is started with ``--coordinator=HOST:PORT
 --num_processes=N --process_id=I`` (README, "Devices").
 
-Everything worth testing lives in ``cowjax``; this file parses flags and makes one call.
+Everything worth testing lives in ``cowjax``; this file parses flags and makes one call. On Linux it
+first restarts itself with glibc's malloc on transparent huge pages (``cowjax/huge_pages.py``;
+``COWJAX_HUGE_PAGES=0`` turns that off).
 A user's mistake (a bad path, a broken file) is printed as one line and exits with status 2.
 """
 

@@ -137,8 +137,9 @@ def steps_per_call(requested: int = 0) -> int:
 
     XLA's CPU runtime allocates a program's working memory afresh at every call and the kernel
     zero-fills each new page on first touch: a quarter of the paper network's CPU step went to
-    page faults (BENCHMARKS.md). Several steps unrolled in one program share one allocation; on
-    GPU/TPU a call costs little and unrolling only lengthens compilation.
+    page faults (BENCHMARKS.md). Several steps unrolled in one program share one allocation (and
+    ``launch.py``'s huge pages make each fault cheaper: ``cowjax/huge_pages.py``); on GPU/TPU a
+    call costs little and unrolling only lengthens compilation.
     """
     if requested:
         return requested

@@ -1,19 +1,19 @@
 """Transparent huge pages for the large blocks glibc's malloc maps: ``launch.py`` restarts itself
 with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` before it imports anything heavy.
 
-Why: XLA's CPU runtime allocates each call's working memory afresh (on the paper network's bench,
-a 701 MB block per device and dozens of 38 MB ones), and glibc serves blocks above 32 MB with
-``mmap``, so the kernel zero-fills every 4 KB page again at every call: about a million page faults
-per call of four train steps. With the tunable, malloc asks for huge pages on those mappings
-(``madvise``), 2 MB a fault: the faults drop about 45-fold, the paper network's CPU step runs
-14-17% sooner and the demo's 5-7% (BENCHMARKS.md, 2026-12-05). Only the process's allocator
-changes; no result does.
+Why: XLA's CPU runtime allocates each call's working memory afresh (the paper network's bench, one
+step per call: a 701 MB block per device and a dozen 38 MB ones), and glibc serves blocks above 32
+MB with ``mmap``, so the kernel zero-fills every 4 KB page again at every call: about a million page
+faults per call of four train steps. With the tunable, malloc asks for huge pages on those mappings
+(``madvise``), 2 MB a fault: the faults drop about 45-fold, the paper network's CPU step runs 14-17%
+sooner and the demo's 5-7% (BENCHMARKS.md, 2026-12-05). Only the process's allocator changes; no
+result does.
 
-The tunable is read once, when the process starts, so it takes a restart (``os.execve``, a few tens
-of milliseconds before anything heavy is imported). Nothing happens where it could not help or was
-set already: not Linux or not glibc, the kernel's huge pages off (``never``) or on for every mapping
-(``always``), ``glibc.malloc.hugetlb`` already in ``GLIBC_TUNABLES`` (the user's value wins), or
-``COWJAX_HUGE_PAGES=0``.
+The tunable is read once, when the process starts, so it takes a restart (``os.execve`` before JAX
+is imported: 0.05-0.2 s for the interpreter and absl again). Nothing happens where it could not help
+or was set already: not Linux or not glibc, the kernel's huge pages off (``never``) or on for every
+mapping (``always``), ``glibc.malloc.hugetlb`` already in ``GLIBC_TUNABLES`` (the user's value
+wins), or ``COWJAX_HUGE_PAGES=0``.
 """
 
 from __future__ import annotations
