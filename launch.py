@@ -6,7 +6,7 @@
       --config.sweep.weighting="('fixed','uncertainty','dwa','gradnorm')"   # trained together
   python launch.py --mode=predict --input=IMG --output=OUT.mrk.json      # the ready model
   python launch.py --mode=predict --workdir=runs/demo --input=IMG --output=OUT.mrk.json
-  python launch.py --mode=export --workdir=runs/demo --output=models/ready  # what predict needs
+  python launch.py --mode=export --workdir=runs/long --output=models/ready  # what predict needs
   python launch.py --mode=eval --workdir=runs/demo --data_dir=CASES
   python launch.py --mode=eval --workdir=runs/demo --decode=argmax --tta=none --norefine \
       --presence=network                                                    # as the paper

@@ -23,7 +23,7 @@ def test_the_ready_model_is_small_and_says_where_it_comes_from():
     size = sum(p.stat().st_size for p in READY.rglob("*") if p.is_file())
     assert size < 8e6
     card = (READY / "MODEL.md").read_text(encoding="utf-8")
-    assert "python launch.py --config=configs/demo.py" in card and "--mode=export" in card
+    assert "python launch.py --config=configs/long.py" in card and "--mode=export" in card
 
 
 def test_the_ready_model_predicts_without_a_workdir(tmp_path):
