@@ -1,7 +1,7 @@
-"""The demo trained longer on twice the subjects: the ready model in ``models/ready``.
+"""The demo trained longer on twice the subjects (the ready model from 2026-12-06 01:48 until
+``configs/ready.py``, this recipe with twice the subjects and steps, replaced it the same day).
 
   python launch.py --config=configs/long.py --workdir=runs/long
-  python launch.py --mode=export --workdir=runs/long --output=models/ready
 
 The demo (``configs/demo.py``) must finish in under 20 minutes on a 2-core CPU; this recipe is for
 a user with half an hour. Everything but the amount of training is the demo's: 320 synthetic cases
@@ -12,7 +12,7 @@ batch 4 (the demo 2500), validated and checkpointed every 500 steps. On the 2-co
 demo's networks, on nine held-out sets of the independent generator: MRE 2.05 against 2.47 mm
 (mean of the sets; every set better, by 0.29-0.54 mm); on the one real TOF-MRA crop here, against
 9 landmarks placed on it (``benchmarks/real_crop.py``), 1.18 against 1.44 mm (BENCHMARKS.md,
-2026-12-06; ``models/ready/MODEL.md``). Trained on 2026-12-03 with the field-of-view cut's 40-mm
+2026-12-06). Trained on 2026-12-03 with the field-of-view cut's 40-mm
 floor, it was as good on the generator but 6.97 mm off on the real crop.
 """
 

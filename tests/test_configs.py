@@ -198,3 +198,16 @@ def test_the_long_recipe_is_the_demo_trained_longer_on_more_subjects():
     assert r == d                                        # everything else is the demo's
     with pytest.raises(ValueError, match="takes no argument"):
         long.get_config("seg")
+
+
+def test_the_ready_recipe_is_the_long_one_on_more_subjects_for_longer():
+    from configs import long, ready
+    r, g = ready.get_config().to_dict(), long.get_config().to_dict()
+    assert (r.pop("num_train_steps"), g.pop("num_train_steps")) == (10000, 5000)
+    assert (r.pop("seed"), g.pop("seed")) == (1, 0)
+    assert (r["data"].pop("num_cases"), g["data"].pop("num_cases")) == (640, 320)
+    assert (r["refine"].pop("num_train_steps"), g["refine"].pop("num_train_steps")) == (10000, 5000)
+    assert r == g                                        # everything else is the long recipe's
+    config_check.validate(ready.get_config())
+    with pytest.raises(ValueError, match="takes no argument"):
+        ready.get_config("seg")

@@ -1,6 +1,7 @@
 """Issue 19: the ready model shipped in models/ready predicts straight after installing, without
 --workdir, and finds the landmarks of a subject it never saw."""
 
+import json
 import os
 import subprocess
 import sys
@@ -23,7 +24,19 @@ def test_the_ready_model_is_small_and_says_where_it_comes_from():
     size = sum(p.stat().st_size for p in READY.rglob("*") if p.is_file())
     assert size < 8e6
     card = (READY / "MODEL.md").read_text(encoding="utf-8")
-    assert "python launch.py --config=configs/long.py" in card and "--mode=export" in card
+    assert "python launch.py --config=configs/ready.py" in card and "--mode=export" in card
+
+
+def test_the_ready_model_was_trained_with_its_recipe():
+    # The card's command makes this model only while configs/ready.py is the config it was trained
+    # with: a change to the recipe without training and exporting again fails here.
+    from configs import ready
+    from cowjax import config_defaults
+
+    config = ready.get_config()
+    for stage, config in (("", config), ("refine", config_defaults.refine_config(config))):
+        shipped = json.loads((READY / stage / "config.json").read_text(encoding="utf-8"))
+        assert shipped == json.loads(config.to_json())
 
 
 def test_the_ready_model_predicts_without_a_workdir(tmp_path):
