@@ -78,6 +78,21 @@ def test_lumen_labelled_by_the_landmarks_matches_a_synthetic_case():
     assert labels.astype(bool).sum() < 0.5 * mask.sum()      # most bright voxels are not the circle
 
 
+def test_segments_called_absent_are_not_written():
+    """The written labelling agrees with the reported presence: a variable segment at most 0.5
+    present loses its voxels, one without evidence (NaN) and the segments that always exist keep
+    theirs whatever their probability."""
+    index = {n: 1 + i for i, n in enumerate(anatomy.SEGMENTS)}
+    labels = np.array([0, index["PCoA_R"], index["ACoA"], index["BA"], index["P1_L"],
+                       index["A1_R"]], np.uint8)
+    prob = np.full(anatomy.NUM_SEGMENTS, 0.9)
+    for name, p in (("PCoA_R", 0.2), ("ACoA", 0.5), ("BA", 0.1), ("P1_L", np.nan)):
+        prob[index[name] - 1] = p
+    out = segment.drop_absent(labels, prob)
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, [0, 0, 0, index["BA"], index["P1_L"], index["A1_R"]])
+
+
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.6, 0.6, 0.8)])
 def test_presence_read_off_the_image_finds_the_absent_segments(spacing):
     """Two synthetic subjects with absent segments (case 0: A1_L and PCoA_L; case 2: PCoA_L) at two

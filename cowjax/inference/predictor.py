@@ -58,7 +58,8 @@ class Prediction:
     branch on our validation split, 91.8% against 88.3%, and on held-out cases, BENCHMARKS.md);
     bifurcation_branch_prob: [19], the landmark attribute branch's own output;
     segmentation: None or [X, Y, Z] uint8 labels 0..20 on the input image's grid (the lumen
-    labelled by the predicted landmarks); head_segmentation: None or the same lumen labelled by the
+    labelled by the predicted landmarks, without the variable segments ``present_prob`` calls
+    absent, ``segment.drop_absent``); head_segmentation: None or the same lumen labelled by the
     network's segmentation head (``segment``)."""
     landmarks: np.ndarray
     confidence: np.ndarray
@@ -234,7 +235,8 @@ class Predictor:
         if segmentation or head_segmentation:
             lumen = segment.vessel_mask(image, affine, maps=maps)
             if segmentation:
-                pred.segmentation = segment.label_by_landmarks(lumen, affine, pred.landmarks)
+                pred.segmentation = segment.drop_absent(
+                    segment.label_by_landmarks(lumen, affine, pred.landmarks), pred.present_prob)
             if head_segmentation:
                 pred.head_segmentation = segment.label_lumen(lumen, affine, *head_probabilities)
         return pred

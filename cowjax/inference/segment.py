@@ -8,7 +8,8 @@ segment in one of two ways:
 - ``label_by_landmarks`` (what ``--save_segmentation`` writes): the segments run between the
   predicted landmarks, so a lumen voxel on the shortest in-lumen path between a segment's two end
   landmarks belongs to it (``data.labels.derive_segments``, the rule that also labels real vessel
-  masks for training); every other vessel (ophthalmic, SCA, distal branches, veins) stays 0;
+  masks for training); every other vessel (ophthalmic, SCA, distal branches, veins) stays 0, and
+  so does a variable segment that presence calls absent (``drop_absent``);
 - ``label_lumen``: the class the network's segmentation head finds most probable there, where it
   finds the 20 segments together more probable than background (the head's own labelling, which
   the evaluation reports beside the other).
@@ -190,6 +191,16 @@ def label_lumen(mask: np.ndarray, affine: np.ndarray, probabilities: np.ndarray,
     is_segment = prob[:, 1:].sum(axis=-1) > prob[:, 0]
     labels[tuple(points.T)] = np.where(is_segment, segment, 0)
     return labels
+
+
+def drop_absent(labels: np.ndarray, present_prob: np.ndarray) -> np.ndarray:
+    """``labels`` (0..20) without the variable segments that ``present_prob`` ([20]) calls absent
+    (at most 0.5; NaN, no evidence, keeps them), so the written labelling and the reported
+    presence agree: a hypoplastic thread read absent is not written as that segment (cow19 labels
+    it background too). The segments that always exist are kept whatever their probability."""
+    absent = [1 + s for s, name in enumerate(anatomy.SEGMENTS)
+              if name in anatomy.VARIABLE_SEGMENTS and present_prob[s] <= 0.5]
+    return np.where(np.isin(labels, absent), 0, labels).astype(labels.dtype)
 
 
 def label_by_landmarks(mask: np.ndarray, affine: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
