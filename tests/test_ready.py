@@ -33,8 +33,8 @@ def test_the_ready_model_was_trained_with_its_recipe():
     from configs import ready
     from cowjax import config_defaults
 
-    config = ready.get_config()
-    for stage, config in (("", config), ("refine", config_defaults.refine_config(config))):
+    first = ready.get_config()
+    for stage, config in (("", first), ("refine", config_defaults.refine_config(first))):
         shipped = json.loads((READY / stage / "config.json").read_text(encoding="utf-8"))
         assert shipped == json.loads(config.to_json())
 

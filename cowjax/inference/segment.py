@@ -198,8 +198,7 @@ def drop_absent(labels: np.ndarray, present_prob: np.ndarray) -> np.ndarray:
     (at most 0.5; NaN, no evidence, keeps them), so the written labelling and the reported
     presence agree: a hypoplastic thread read absent is not written as that segment (cow19 labels
     it background too). The segments that always exist are kept whatever their probability."""
-    absent = [1 + s for s, name in enumerate(anatomy.SEGMENTS)
-              if name in anatomy.VARIABLE_SEGMENTS and present_prob[s] <= 0.5]
+    absent = 1 + np.flatnonzero(anatomy.VARIABLE_SEGMENT_MASK & (np.asarray(present_prob) <= 0.5))
     return np.where(np.isin(labels, absent), 0, labels).astype(labels.dtype)
 
 
