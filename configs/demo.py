@@ -28,9 +28,10 @@ box round the circle, zero outside, as a scan cropped to the circle arrives: ``d
 less on the template's shape.
 Measured on 2-core dev CPUs (one JAX device per core, four steps per jitted call): about 0.2-0.3 s
 per first-stage step and 0.1 s per refinement step; the whole command from a fresh clone (install,
-data, both stages, test evaluation) in 14-23 minutes with AVX-512 (2026-12-03: 19 min 51 s and 21 min
+data, both stages, test evaluation) in 12-23 minutes with AVX-512 (2026-12-03: 19 min 51 s and 21 min
 56 s; 2026-12-04, the train steps at XLA's level 1: 19 min 44 s; 2026-12-05, a fast hour, without the
-install: 13 min 46 s, and with huge pages 13 min 21 s; README has the output), 26.5
+install: 13 min 46 s, and with huge pages 13 min 21 s; 2026-12-06 on an Intel Xeon with AMX, without
+the install: 11 min 49 s; README has the output), 26.5
 minutes on an AVX2-only CPU (2026-12-03, without the install, before level 1).
 """
 

@@ -13,7 +13,8 @@ a finished run is skipped and an unfinished one resumes. The refinement stage is
 (``config.refine.num_train_steps = 0``): the ablation measures what the auxiliary tasks do to the
 first network, the one they are trained with. For the same reason the attribute accuracies are the
 network's own (``presence="network"``), not the presence read off the image that prediction uses by
-default.
+default; an arm without the segment attribute term has none to score (n/a), and its written
+labelling keeps every segment (``Predictor.presence_learned``).
 
 One split for all: the first run (``heatmap_only_s0``, whose seed is the base seed) makes it, it is
 kept as ``<workdir>/split.json`` and copied into every run before training, so every arm and seed is

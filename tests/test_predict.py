@@ -519,3 +519,34 @@ def test_presence_from_the_image_or_from_the_network():
     np.testing.assert_allclose(image.landmarks, network.landmarks)
     with pytest.raises(CowjaxError, match="presence"):
         Predictor(_config(1), params=None, presence="atlas")
+
+
+def test_an_untrained_segment_branch_decides_nothing():
+    """A run trained without the segment attribute term (an ablation arm) has a branch whose
+    presence is noise: the segments it alone would decide are taken as present, so the written
+    labelling keeps them, and with presence="network" evaluation scores no attributes."""
+    from cowjax.data.io import Case
+    from cowjax.inference import evaluate
+    affine = _affine((1.5, 1.5, 1.5))
+    img = _blob_image(affine, (40, 40, 30), np.zeros(3), sigma_mm=3.0)
+    attributes = {"segments": {n: True for n in anatomy.SEGMENTS},
+                  "landmarks": {n: True for n in anatomy.LANDMARKS}}
+    case = Case("c", img, affine, np.zeros((L, 3)), attributes=attributes)
+    for learned in (True, False):
+        preds, scores = {}, {}
+        for presence in predictor_lib.PRESENCE:
+            config = _config(1)
+            config.loss.w_segment_attr = float(learned)
+            predictor = Predictor(config, params=None, batch_size=1, forward=_EchoNet(1),
+                                  align=False, flip=False, presence=presence)
+            predictor.locate = lambda volume, first_guess: first_guess
+            preds[presence] = predictor.predict(img, affine)
+            scores[presence] = evaluate.summarize([evaluate.score_case(predictor, case)])
+        measured = np.isfinite(preds["image"].segment_radius_mm)
+        assert measured.any() and not measured.all()
+        branch = 0.5 if learned else 1.0                  # the stand-in's branch, or the prior
+        np.testing.assert_allclose(preds["network"].present_prob, branch)
+        np.testing.assert_allclose(preds["image"].present_prob[~measured], branch)
+        assert scores["image"]["segment_attr_count"] == anatomy.NUM_SEGMENTS
+        assert scores["network"]["segment_attr_count"] == (anatomy.NUM_SEGMENTS if learned else 0)
+        assert (scores["network"]["landmark_attr_accuracy"] is None) == (not learned)

@@ -51,7 +51,8 @@ class Prediction:
     """One image's prediction. landmarks: [19, 3] world RAS mm; confidence: [19] (peak height, or
     softmax mass for softmax-trained heatmaps); present_prob: [20] (of each variable segment from
     the image, ``segment.presence_probability`` of ``segment_radius_mm``, where the image shows
-    both its ends; otherwise, and with ``presence="network"``, the segment branch's);
+    both its ends; otherwise, and with ``presence="network"``, the segment branch's, or 1.0 where
+    that branch was never trained);
     segment_radius_mm: [20], the radius the image shows (``segment.presence_radii``; NaN where not
     measured); bifurcation_prob: [19], implied by ``present_prob`` through the cow19 rule
     (``anatomy.landmark_attributes`` on presence > 0.5: it measured better than the landmark
@@ -153,6 +154,11 @@ class Predictor:
         if presence not in PRESENCE:
             raise CowjaxError(f"presence {presence!r}: expected one of {PRESENCE}")
         self.presence = presence
+        # Whether the segment attribute branch was trained (its loss term on). An untrained
+        # branch's presence is noise: the segments it alone would decide are taken as present,
+        # the cow19 prior, so it cuts nothing from the written labelling (an ablation arm
+        # without the term).
+        self.presence_learned = bool(config.loss.w_segment_attr)
         self.align = align
         self.config = config
         self.flip = flip
@@ -231,7 +237,9 @@ class Predictor:
             measured = np.isfinite(radii)
             pred.segment_radius_mm = radii
             pred.present_prob = np.where(measured, segment.presence_probability(radii),
-                                         pred.present_prob)
+                                         pred.present_prob if self.presence_learned else 1.0)
+        elif not self.presence_learned:
+            pred.present_prob = np.ones_like(pred.present_prob)
         if segmentation or head_segmentation:
             lumen = segment.vessel_mask(image, affine, maps=maps)
             if segmentation:
