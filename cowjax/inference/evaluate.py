@@ -45,8 +45,7 @@ def score_case(predictor: Predictor, case: io.Case, name: str | None = None) -> 
     seconds = time.perf_counter() - start
     seg_true, seg_known = _truth_attributes(case, "segments", anatomy.SEGMENTS)
     lm_true, lm_known = _truth_attributes(case, "landmarks", anatomy.LANDMARKS)
-    if predictor.presence == "network" and not predictor.presence_learned:
-        # The untrained branch's place is held by the prior (all present): nothing to score.
+    if not predictor.predicts_presence:     # the prior (all present) alone: nothing to score
         seg_known, lm_known = np.zeros_like(seg_known), np.zeros_like(lm_known)
     variable = anatomy.VARIABLE_SEGMENT_MASK
     complete = bool(seg_true[variable].all()) if seg_known[variable].all() else None

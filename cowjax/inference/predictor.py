@@ -204,6 +204,12 @@ class Predictor:
                    **kwargs)
 
     @property
+    def predicts_presence(self) -> bool:
+        """Whether ``present_prob`` holds a prediction (read off the image, or a trained branch's)
+        rather than the prior alone."""
+        return self.presence == "image" or self.presence_learned
+
+    @property
     def aligns(self) -> bool:
         """Whether images are registered by their landmarks (``align``, and the run registers none
         of its own)."""
@@ -230,6 +236,8 @@ class Predictor:
                 bifurcation_branch_prob=(pred.bifurcation_branch_prob
                                          + m.bifurcation_branch_prob[lm]) / 2,
                 present_prob=(pred.present_prob + m.present_prob[seg_idx]) / 2)
+        if not self.presence_learned:
+            pred.present_prob = np.ones_like(pred.present_prob)
         maps = None
         if self.presence == "image":
             maps = segment.contrast(image, affine)
@@ -237,9 +245,7 @@ class Predictor:
             measured = np.isfinite(radii)
             pred.segment_radius_mm = radii
             pred.present_prob = np.where(measured, segment.presence_probability(radii),
-                                         pred.present_prob if self.presence_learned else 1.0)
-        elif not self.presence_learned:
-            pred.present_prob = np.ones_like(pred.present_prob)
+                                         pred.present_prob)
         if segmentation or head_segmentation:
             lumen = segment.vessel_mask(image, affine, maps=maps)
             if segmentation:
