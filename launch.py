@@ -7,6 +7,7 @@
   python launch.py --mode=predict --input=IMG --output=OUT.mrk.json      # the ready model
   python launch.py --mode=predict --workdir=runs/demo --input=IMG --output=OUT.mrk.json
   python launch.py --mode=export --workdir=runs/long --output=models/ready  # what predict needs
+  python launch.py --mode=export --workdir=runs/a,runs/b --output=DIR   # predicted as one ensemble
   python launch.py --mode=eval --workdir=runs/demo --data_dir=CASES
   python launch.py --mode=eval --workdir=runs/demo --decode=argmax --tta=none --norefine \
       --presence=network                                                    # as the paper
@@ -44,7 +45,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config "
                                "(predict: models/ready when not given). "
                                "For --mode=eval, a comma-separated list compares runs, and a "
-                               "sweep's directory its members.")
+                               "sweep's directory its members; for --mode=export, a list "
+                               "makes one ensemble.")
 _MODE = flags.DEFINE_enum("mode", "train",
                           ["train", "eval", "predict", "register", "ablate", "bench", "export"],
                           "What to do.")
@@ -148,9 +150,15 @@ def _run() -> None:
         if not (workdir and _OUTPUT.value):
             raise _usage("--mode=export needs --workdir and --output")
         from cowjax.training import checkpoint
-        stages = checkpoint.export_for_inference(workdir, _OUTPUT.value)
-        print(f"{_OUTPUT.value}: the best checkpoint of {workdir}"
-              + (" and of its refinement stage" if len(stages) > 1 else ""))
+        runs = workdir.split(",")
+        if len(runs) > 1:
+            checkpoint.export_ensemble(runs, _OUTPUT.value)
+            print(f"{_OUTPUT.value}: an ensemble of {len(runs)} runs' best checkpoints "
+                  f"({', '.join(runs)}), predicted as one")
+        else:
+            stages = checkpoint.export_for_inference(workdir, _OUTPUT.value)
+            print(f"{_OUTPUT.value}: the best checkpoint of {workdir}"
+                  + (" and of its refinement stage" if len(stages) > 1 else ""))
     elif mode == "bench":
         if config is None:
             raise _usage("--mode=bench needs --config")

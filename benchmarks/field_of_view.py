@@ -69,9 +69,9 @@ def main(argv=None) -> int:
     except ValueError:
         print(f"error: --box takes three positive numbers (mm), got {args.box!r}", file=sys.stderr)
         return 2
-    from cowjax.inference.predictor import Predictor  # JAX: only once the arguments are good
+    from cowjax.inference.predictor import load_predictor  # JAX: only once the arguments are good
     try:
-        predictors = {m: Predictor.from_workdir(m, presence="network") for m in args.models}
+        predictors = {m: load_predictor(m, presence="network") for m in args.models}
     except CowjaxError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     from cowjax.data import io  # JAX and SimpleITK: only once the arguments are good
-    from cowjax.inference.predictor import Predictor
+    from cowjax.inference.predictor import load_predictor
     try:
         names, truth = read_truth()
         index = [anatomy.LANDMARK_INDEX[n] for n in names]
@@ -61,8 +61,7 @@ def main(argv=None) -> int:
         rows = []
         for model in args.models:
             for refine, tta in ways:
-                predictor = Predictor.from_workdir(model, refine=refine, tta=tta,
-                                                   presence="network")
+                predictor = load_predictor(model, refine=refine, tta=tta, presence="network")
                 found = predictor.predict(image, affine).landmarks
                 errors = np.linalg.norm(found[index] - truth, axis=1)
                 how = "" if not args.ways else (

@@ -550,3 +550,82 @@ def test_an_untrained_segment_branch_decides_nothing():
         assert scores["image"]["segment_attr_count"] == anatomy.NUM_SEGMENTS
         assert scores["network"]["segment_attr_count"] == (anatomy.NUM_SEGMENTS if learned else 0)
         assert (scores["network"]["landmark_attr_accuracy"] is None) == (not learned)
+
+
+def test_an_ensemble_averages_its_members_and_reads_the_image_once(monkeypatch):
+    """Each member finds the landmarks its own way; the ensemble averages them (and their
+    confidences and branch outputs) in world space, then reads presence and the labelling off
+    the image once, from the averaged landmarks."""
+    affine = _affine((1.5, 1.5, 1.5))
+    img = _blob_image(affine, (40, 40, 30), np.zeros(3), sigma_mm=3.0)
+    members = [_echo_predictor(1, flip=False) for _ in range(2)]
+    rng = np.random.default_rng(0)
+    found = [predictor_lib.Prediction(landmarks=rng.normal(0, 5, (L, 3)),
+                                      confidence=rng.random(L),
+                                      bifurcation_branch_prob=rng.random(L),
+                                      present_prob=rng.random(anatomy.NUM_SEGMENTS))
+             for _ in members]
+    for m, p in zip(members, found):
+        m.network_prediction = lambda image, aff, head=False, p=p: (
+            predictor_lib.Prediction(**{k: v.copy() for k, v in vars(p).items()
+                                        if v is not None}), None)
+    read = []
+    real_radii = segment.presence_radii
+    monkeypatch.setattr(segment, "presence_radii",
+                        lambda image, aff, landmarks, maps=None: read.append(landmarks.copy())
+                        or real_radii(image, aff, landmarks, maps))
+    pred = predictor_lib.Ensemble(members).predict(img, affine, segmentation=True)
+    mean = (found[0].landmarks + found[1].landmarks) / 2
+    np.testing.assert_allclose(pred.landmarks, mean)
+    np.testing.assert_allclose(pred.confidence, (found[0].confidence + found[1].confidence) / 2)
+    np.testing.assert_allclose(pred.bifurcation_branch_prob,
+                               (found[0].bifurcation_branch_prob
+                                + found[1].bifurcation_branch_prob) / 2)
+    assert len(read) == 1
+    np.testing.assert_allclose(read[0], mean)
+    np.testing.assert_allclose(pred.segment_radius_mm, real_radii(img, affine, mean),
+                               equal_nan=True)
+    assert pred.segmentation is not None and pred.segmentation.shape == img.shape
+    with pytest.raises(CowjaxError, match="at least two"):
+        predictor_lib.Ensemble(members[:1])
+    with pytest.raises(CowjaxError, match="same way"):
+        predictor_lib.Ensemble([members[0], _echo_predictor(1, flip=True)])
+
+
+def test_an_ensemble_folder_predicts_and_evaluates_as_its_runs(workdir, tmp_path):
+    """``export_ensemble`` writes a folder that is one predictor wherever a workdir is taken: the
+    same run twice predicts as the run alone; a broken manifest is one clear error."""
+    from cowjax.training import checkpoint
+    folder = tmp_path / "ensemble"
+    assert checkpoint.export_ensemble([workdir, workdir], folder) == [[""], [""]]
+    manifest = json.loads((folder / checkpoint.ENSEMBLE_FILE).read_text())
+    assert manifest["members"] == ["member_0", "member_1"]
+    img, affine = _image()
+    single = Predictor.from_workdir(workdir).predict(img, affine)
+    ensemble = predictor_lib.load_predictor(folder)
+    assert isinstance(ensemble, predictor_lib.Ensemble) and len(ensemble.members) == 2
+    both = ensemble.predict(img, affine)
+    np.testing.assert_allclose(both.landmarks, single.landmarks, atol=1e-9)
+    np.testing.assert_allclose(both.present_prob, single.present_prob, atol=1e-9)
+    io.save_image(tmp_path / "img.nii.gz", img, affine)
+    predict.run_predict(folder, tmp_path / "img.nii.gz", tmp_path / "out.mrk.json")
+    np.testing.assert_allclose(io.read_landmarks(tmp_path / "out.mrk.json"), single.landmarks,
+                               atol=1e-3)
+    truth = np.random.default_rng(1).uniform(-10, 10, (L, 3))
+    io.save_case(tmp_path / "data" / "c1", io.Case("c1", img, affine, truth))
+    report = evaluate.run_eval([folder], tmp_path / "data")[str(folder)]
+    assert report["groups"]["all"]["mre_mm"] == pytest.approx(
+        np.mean(np.linalg.norm(single.landmarks - truth, axis=-1)), abs=1e-3)
+    assert report["decode"].startswith("the mean of 2 runs' landmarks")
+    for text, message in (("{", "not an ensemble manifest"),
+                          (json.dumps({"runs": []}), "not an ensemble manifest"),
+                          (json.dumps({"members": ["gone"]}), "not found"),
+                          (json.dumps({"members": ["member_0"]}), "at least two")):
+        (folder / checkpoint.ENSEMBLE_FILE).write_text(text)
+        with pytest.raises(CowjaxError, match=message):
+            predictor_lib.load_predictor(folder)
+    with pytest.raises(CowjaxError, match="at least two runs"):
+        checkpoint.export_ensemble([workdir], tmp_path / "one")
+    with pytest.raises(CowjaxError, match="no best checkpoint"):
+        checkpoint.export_ensemble([workdir, tmp_path / "nothing"], tmp_path / "none")
+    assert not (tmp_path / "one").exists() and not (tmp_path / "none").exists()

@@ -276,7 +276,7 @@ def test_run_register_with_landmark_files(tmp_path, capsys, kind, scale):
 
 
 def test_run_register_detected_landmarks_are_confidence_weighted(tmp_path, monkeypatch):
-    from cowjax.inference import predict
+    from cowjax.inference import predictor
     truth = _transform([0, 0, 30], [5.0, 0.0, 0.0])
     fshape, mshape = (20, 20, 20), (18, 20, 22)
     for name, shape in (("f", fshape), ("m", mshape)):
@@ -290,9 +290,9 @@ def test_run_register_detected_landmarks_are_confidence_weighted(tmp_path, monke
     class FakePredictor:
         def predict(self, image, affine):
             found = fixed_lm if image.shape == fshape else MOVING
-            return predict.Prediction(found, conf, np.ones(19), np.ones(20))
+            return predictor.Prediction(found, conf, np.ones(19), np.ones(20))
 
-    monkeypatch.setattr(predict.Predictor, "from_workdir", classmethod(lambda cls, w: FakePredictor()))
+    monkeypatch.setattr(predictor, "load_predictor", lambda workdir: FakePredictor())
     record = register.run_register(tmp_path, tmp_path / "f.nii.gz", tmp_path / "m.nii.gz",
                               tmp_path / "out.nii.gz")
     np.testing.assert_allclose(record["matrix"], truth, atol=1e-6)

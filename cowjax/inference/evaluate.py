@@ -22,7 +22,7 @@ from tqdm import tqdm
 from cowjax import anatomy, figures, heatmaps, metrics
 from cowjax.data import io, preprocess
 from cowjax.errors import CowjaxError, atomic_output
-from cowjax.inference.predictor import Predictor
+from cowjax.inference.predictor import Ensemble, Predictor, load_predictor
 
 NUM_MIP_CASES = 3
 GROUPS = ("all", "complete", "variant")
@@ -35,7 +35,7 @@ def _truth_attributes(case: io.Case, part: str, names) -> tuple[np.ndarray, np.n
     return values, np.array([n in given for n in names])
 
 
-def score_case(predictor: Predictor, case: io.Case, name: str | None = None) -> dict:
+def score_case(predictor: Predictor | Ensemble, case: io.Case, name: str | None = None) -> dict:
     """Predict one case and compare with its ground truth. Arrays per case, NaN where unknown.
     name: the case's name in the report (default ``case.case_id``)."""
     start = time.perf_counter()
@@ -231,7 +231,10 @@ def _mip_figures(out_dir: Path, case: io.Case, record: dict) -> list[Path]:
     return paths
 
 
-def _decode_description(predictor: Predictor) -> str:
+def _decode_description(predictor: Predictor | Ensemble) -> str:
+    if isinstance(predictor, Ensemble):
+        return (f"the mean of {len(predictor.members)} runs' landmarks, each run: "
+                + _decode_description(predictor.members[0]))
     method = predictor.decode_method
     text = f"{predictor.kind} heatmaps, " + ("argmax" if method == "argmax"
                                               else f"argmax and {method} sub-voxel fit")
@@ -269,9 +272,8 @@ def evaluate_run(workdir, data_dir=None, tta: bool = True,
     if not scored:
         raise CowjaxError(f"{data_dir or workdir / 'split.json'}: no case has a landmark file "
                           f"({', '.join(io.LANDMARK_FILES)}) to evaluate against")
-    predictor = Predictor.from_workdir(workdir, refine=refine, tta=tta,
-                                       decode_method=decode_method, presence=presence,
-                                       align=align)
+    predictor = load_predictor(workdir, refine=refine, tta=tta, decode_method=decode_method,
+                               presence=presence, align=align)
     out_dir = workdir / "eval" / name
     out_dir.mkdir(parents=True, exist_ok=True)
     records, figs = [], []

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from cowjax import anatomy, heatmaps
 from cowjax.data import io, preprocess
 from cowjax.errors import CowjaxError, atomic_output
-from cowjax.inference.predictor import Prediction, Predictor
+from cowjax.inference.predictor import Prediction, load_predictor
 
 OUTPUT_SUFFIXES = (".mrk.json", ".json", ".csv")
 
@@ -115,9 +115,8 @@ def run_predict(workdir, input, output, save_segmentation: bool = False, tta: bo
         if not output.parent.is_dir():
             raise CowjaxError(f"{output}: parent directory {output.parent} does not exist")
     items = _inputs(input_path)
-    predictor = Predictor.from_workdir(workdir, refine=refine, tta=tta,
-                                       decode_method=decode_method, presence=presence,
-                                       align=align)
+    predictor = load_predictor(workdir, refine=refine, tta=tta, decode_method=decode_method,
+                               presence=presence, align=align)
     if not single:
         output.mkdir(exist_ok=True)
     written = []

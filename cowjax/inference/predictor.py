@@ -220,12 +220,20 @@ class Predictor:
         """Landmarks of one image. image: [X, Y, Z] (any orientation, any size); affine: [4, 4]
         voxel -> world RAS mm. ``segmentation``: also the lumen labelled by the landmarks,
         ``head_segmentation``: by the segmentation head (both on the input grid). With
-        ``presence="image"`` the variable segments' presence is then read off the image.
+        ``presence="image"`` the variable segments' presence is then read off the image."""
+        image, affine = np.asarray(image, np.float32), np.asarray(affine, np.float64)
+        pred, head_probabilities = self.network_prediction(image, affine, head_segmentation)
+        return self.read_image(image, affine, pred, head_probabilities, segmentation,
+                               head_segmentation)
+
+    def network_prediction(self, image, affine, head_segmentation: bool = False):
+        """What the networks find in one image, before anything is read off it: (prediction
+        without segment labels and, with ``presence="image"``, without the image's presence; the
+        segmentation head's (class probabilities, their grid affine) or None).
 
         With ``flip`` the image is also seen mirrored left-right (``MIRROR``), so the network meets
         a mirror image of the patient; its landmarks are mirrored back (x negated, _R and _L
         channels swapped) and averaged in."""
-        image, affine = np.asarray(image, np.float32), np.asarray(affine, np.float64)
         pred, head_probabilities = self._predict_pass(image, affine, head_segmentation)
         if self.flip:
             m, _ = self._predict_pass(image, MIRROR @ affine, False)
@@ -238,6 +246,14 @@ class Predictor:
                 present_prob=(pred.present_prob + m.present_prob[seg_idx]) / 2)
         if not self.presence_learned:
             pred.present_prob = np.ones_like(pred.present_prob)
+        return pred, head_probabilities
+
+    def read_image(self, image, affine, pred: Prediction, head_probabilities,
+                   segmentation: bool = False, head_segmentation: bool = False) -> Prediction:
+        """``pred`` (``network_prediction``'s, possibly combined with others') completed from the
+        image at its own resolution: with ``presence="image"`` each variable segment's presence
+        (``segment.presence_radii`` between the predicted landmarks), and the labellings asked
+        for (``segment``)."""
         maps = None
         if self.presence == "image":
             maps = segment.contrast(image, affine)
@@ -385,3 +401,52 @@ class Predictor:
             coords, _ = self._detect(volume, found.mean(axis=0)[None])
             found = coords[0]
         return found
+
+
+class Ensemble:
+    """Several trained runs as one predictor (``predict`` as ``Predictor.predict``). Each member
+    finds the landmarks its own way (``Predictor.network_prediction``: its registration, mirror
+    image and refinement stage); their world positions, confidences and attribute branch outputs
+    are averaged, and what is read off the image (segment presence, the labellings) is read once,
+    from the averaged landmarks. The segmentation head's labelling is the first member's."""
+
+    def __init__(self, members: list[Predictor]):
+        if len(members) < 2:
+            raise CowjaxError(f"an ensemble needs at least two members (got {len(members)})")
+        settings = {(m.presence, m.flip, m.decode_method, m.align) for m in members}
+        if len(settings) > 1:
+            raise CowjaxError("the members of an ensemble must predict the same way "
+                              "(presence, test-time mirror, decoding, alignment)")
+        self.members = members
+
+    @property
+    def config(self):
+        """The first member's config (the members may differ in anything but how they predict)."""
+        return self.members[0].config
+
+    @property
+    def predicts_presence(self) -> bool:
+        return any(m.predicts_presence for m in self.members)
+
+    def predict(self, image, affine, segmentation: bool = False,
+                head_segmentation: bool = False) -> Prediction:
+        image, affine = np.asarray(image, np.float32), np.asarray(affine, np.float64)
+        found = [m.network_prediction(image, affine, head_segmentation and i == 0)
+                 for i, m in enumerate(self.members)]
+        preds = [p for p, _ in found]
+        mean = Prediction(**{f: np.mean([getattr(p, f) for p in preds], axis=0)
+                             for f in ("landmarks", "confidence", "bifurcation_branch_prob",
+                                       "present_prob")})
+        return self.members[0].read_image(image, affine, mean, found[0][1], segmentation,
+                                          head_segmentation)
+
+
+def load_predictor(workdir, **kwargs) -> Predictor | Ensemble:
+    """The predictor of a run (``Predictor.from_workdir``, whose keyword arguments all apply) or,
+    where ``workdir`` holds an ensemble manifest (``checkpoint.ENSEMBLE_FILE``: the folders of
+    its members, as ``checkpoint.export_ensemble`` writes it), the ``Ensemble`` of those runs."""
+    from cowjax.training import checkpoint
+    members = checkpoint.ensemble_members(workdir)
+    if members is None:
+        return Predictor.from_workdir(workdir, **kwargs)
+    return Ensemble([Predictor.from_workdir(m, **kwargs) for m in members])

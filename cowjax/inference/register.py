@@ -70,8 +70,8 @@ def run_register(workdir, fixed, moving, output, transform: str = "rigid",
 
     def predictor():
         if "p" not in cache:
-            from cowjax.inference.predictor import Predictor
-            cache["p"] = Predictor.from_workdir(workdir)
+            from cowjax.inference.predictor import load_predictor
+            cache["p"] = load_predictor(workdir)
         return cache["p"]
 
     f_lm, f_conf = _landmarks(fixed_landmarks, fixed_img, fixed_aff, predictor, "fixed")

@@ -29,6 +29,8 @@ from cowjax.training import sweep
 
 LATEST, BEST = "checkpoints", "best"
 REFINE_DIR = "refine"  # the refinement stage's run, inside the first stage's workdir
+# A folder of several runs predicted as one (``export_ensemble``, ``ensemble_members``).
+ENSEMBLE_FILE = "ensemble.json"
 BEST_METRIC = "val_mre_mm"
 
 
@@ -242,23 +244,72 @@ def export_for_inference(workdir, out) -> list[str]:
     state, no older checkpoints: a few MB for the demo). ``out`` is then a workdir that
     ``--mode=predict`` and ``--mode=eval --data_dir`` read; written whole or not at all.
     Returns the stages copied ("", and "refine" if the run has one)."""
-    from cowjax.data import pipeline
     from cowjax.errors import atomic_output_dir
-    workdir, out = Path(workdir), Path(out)
+    out = Path(out)
+    stages = _exported_stages(workdir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output_dir(out) as tmp:
+        _export_into(workdir, stages, tmp)
+    return stages
+
+
+def export_ensemble(workdirs, out) -> list[list[str]]:
+    """Several runs exported as one ensemble folder (what ``inference.predictor.load_predictor``
+    reads as one predictor): each run as ``export_for_inference`` into ``out/member_<k>``, and
+    ``ENSEMBLE_FILE`` listing them; written whole or not at all. Returns each run's stages."""
+    from cowjax.errors import atomic_output_dir
+    out = Path(out)
+    if len(workdirs) < 2:
+        raise CowjaxError(f"an ensemble needs at least two runs (got {len(workdirs)})")
+    stages = [_exported_stages(w) for w in workdirs]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output_dir(out) as tmp:
+        members = [f"member_{k}" for k in range(len(workdirs))]
+        for w, s, m in zip(workdirs, stages, members):
+            (tmp / m).mkdir()
+            _export_into(w, s, tmp / m)
+        (tmp / ENSEMBLE_FILE).write_text(json.dumps(
+            {"members": members, "runs": [str(w) for w in workdirs]}, indent=1) + "\n",
+            encoding="utf-8")
+    return stages
+
+
+def ensemble_members(folder) -> list[Path] | None:
+    """The member folders listed in ``folder``'s ``ENSEMBLE_FILE`` (relative to it), or None
+    without one; one line naming the file and the problem when it cannot be used."""
+    manifest = Path(folder) / ENSEMBLE_FILE
+    if not manifest.is_file():
+        return None
+    try:
+        paths = [Path(folder) / str(m)
+                 for m in json.loads(manifest.read_text(encoding="utf-8"))["members"]]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CowjaxError(f"{manifest}: not an ensemble manifest ({e})")
+    missing = [str(p) for p in paths if not p.is_dir()]
+    if missing:
+        raise CowjaxError(f"{manifest}: member folder(s) not found: {', '.join(missing)}")
+    return paths
+
+
+def _exported_stages(workdir) -> list[str]:
+    workdir = Path(workdir)
     stages = [s for s in ("", REFINE_DIR) if (workdir / s / BEST).is_dir()]
     if "" not in stages:
         raise CowjaxError(f"{workdir}: no best checkpoint ({workdir / BEST}) to export")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output_dir(out) as tmp:
-        for stage in stages:
-            mgr = _manager(workdir / stage / BEST, None, read_only=True)
-            step = mgr.latest_step()
-            mgr.close()
-            (tmp / stage).mkdir(exist_ok=True)
-            shutil.copytree(workdir / stage / BEST / str(step), tmp / stage / BEST / str(step))
-            if (workdir / stage / "config.json").is_file():   # for people: the checkpoint has it too
-                shutil.copyfile(workdir / stage / "config.json", tmp / stage / "config.json")
-        template = pipeline.template_path(workdir)
-        if template.is_file():
-            shutil.copyfile(template, pipeline.template_path(tmp))
     return stages
+
+
+def _export_into(workdir, stages, dst: Path) -> None:
+    from cowjax.data import pipeline
+    workdir = Path(workdir)
+    for stage in stages:
+        mgr = _manager(workdir / stage / BEST, None, read_only=True)
+        step = mgr.latest_step()
+        mgr.close()
+        (dst / stage).mkdir(exist_ok=True)
+        shutil.copytree(workdir / stage / BEST / str(step), dst / stage / BEST / str(step))
+        if (workdir / stage / "config.json").is_file():   # for people: the checkpoint has it too
+            shutil.copyfile(workdir / stage / "config.json", dst / stage / "config.json")
+    template = pipeline.template_path(workdir)
+    if template.is_file():
+        shutil.copyfile(template, pipeline.template_path(dst))
