@@ -25,18 +25,25 @@ def test_the_ready_model_is_small_and_says_where_it_comes_from():
     assert size < 8e6
     card = (READY / "MODEL.md").read_text(encoding="utf-8")
     assert "python launch.py --config=configs/ready.py" in card and "--mode=export" in card
+    assert "--workdir=runs/ready_s0,runs/ready" in card
 
 
 def test_the_ready_model_was_trained_with_its_recipe():
-    # The card's command makes this model only while configs/ready.py is the config it was trained
-    # with: a change to the recipe without training and exporting again fails here.
+    # The card's commands make this model only while configs/ready.py is the config its members
+    # were trained with (seeds 0 and 1): a change to the recipe without training and exporting
+    # again fails here.
     from configs import ready
     from cowjax import config_defaults
+    from cowjax.training import checkpoint
 
-    first = ready.get_config()
-    for stage, config in (("", first), ("refine", config_defaults.refine_config(first))):
-        shipped = json.loads((READY / stage / "config.json").read_text(encoding="utf-8"))
-        assert shipped == json.loads(config.to_json())
+    members = checkpoint.ensemble_members(READY)
+    assert [m.name for m in members] == ["member_0", "member_1"]
+    for seed, member in enumerate(members):
+        first = ready.get_config()
+        first.seed = seed
+        for stage, config in (("", first), ("refine", config_defaults.refine_config(first))):
+            shipped = json.loads((member / stage / "config.json").read_text(encoding="utf-8"))
+            assert shipped == json.loads(config.to_json()), (member, stage)
 
 
 def test_the_ready_model_predicts_without_a_workdir(tmp_path):
