@@ -1,8 +1,10 @@
 """Landmark error against the field of view: held-out cases as made, cut to a small box round the
-circle, and seen whole-head (BENCHMARKS.md, 2026-12-02 and 2026-12-03).
+circle, seen whole-head, and in slabs ending just below the circle (BENCHMARKS.md, 2026-12-02,
+2026-12-03 and 2026-12-07).
 
     python benchmarks/field_of_view.py --seed 100 --num 10 models/ready runs/other
     python benchmarks/field_of_view.py --seed 101 --num 8 --whole-head models/ready
+    python benchmarks/field_of_view.py --seed 101 --num 6 --below 12,5 models/ready
 
 Cases come from the independent generator (``heldout_mra.py``; 0.5 x 0.5 x 0.8 mm). Each model
 (a run or an exported folder) predicts every case as made and, by default, cut to ``--box`` mm
@@ -10,7 +12,10 @@ Cases come from the independent generator (``heldout_mra.py``; 0.5 x 0.5 x 0.8 m
 circle's seven junctions (``augment.CIRCLE_LANDMARKS``), resampled to 0.5 mm, zero outside; the
 landmarks inside the box are scored on both. With ``--whole-head`` the same subjects are instead
 also seen in a 160 x 190 x 140 mm field of view at 0.6 x 0.6 x 0.8 mm (``generate_case(fov_mm=)``),
-all 19 landmarks scored. Presence is not scored (``presence="network"``: landmarks only).
+all 19 landmarks scored. With ``--below MM[,MM...]`` the whole-head view is also cut at MM below
+the basilar tip (world superior axis; the voxels below dropped, as a slab whose lower edge lies
+there), the landmarks above the edge scored in every view. Presence is not scored
+(``presence="network"``: landmarks only).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import appearance  # noqa: E402
 import heldout_mra  # noqa: E402
+from cowjax import anatomy  # noqa: E402
 from cowjax.data import augment  # noqa: E402
 from cowjax.errors import CowjaxError  # noqa: E402
 
@@ -35,8 +41,28 @@ HEAD_SPACING = (0.6, 0.6, 0.8)
 HEAD_FOV_MM = (160.0, 190.0, 140.0)
 
 
-def _views(seed: int, index: int, box, whole_head: bool):
+def _slab(image: np.ndarray, affine: np.ndarray, floor_mm: float):
+    """The image without its voxels below world z = ``floor_mm`` (zero where the grid is oblique),
+    cropped to the rest: (image, affine)."""
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in image.shape], indexing="ij"), -1)
+    keep = ijk @ affine[2, :3] + affine[2, 3] >= floor_mm
+    kept = np.argwhere(keep)
+    lo, hi = kept.min(axis=0), kept.max(axis=0) + 1
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    moved = affine.copy()
+    moved[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
+    return np.where(keep, image, 0)[box], moved
+
+
+def _views(seed: int, index: int, box, whole_head: bool, below=()):
     """(name, image, affine, landmarks scored mask) of one subject, and its true landmarks."""
+    if below:
+        head, _ = heldout_mra.generate_case(seed, index, HEAD_SPACING, fov_mm=HEAD_FOV_MM)
+        lm, top = head.landmarks, head.landmarks[anatomy.LANDMARK_INDEX["BA_top"], 2]
+        above = lm[:, 2] >= top - min(below)
+        return lm, [("whole head", head.image, head.affine, above)] + [
+            (f"lower edge {d:g} mm below BA_top", *_slab(head.image, head.affine, top - d), above)
+            for d in below]
     if whole_head:
         case, _ = heldout_mra.generate_case(seed, index, HEAD_SPACING)
         head, _ = heldout_mra.generate_case(seed, index, HEAD_SPACING, fov_mm=HEAD_FOV_MM)
@@ -61,6 +87,9 @@ def main(argv=None) -> int:
     parser.add_argument("--box", default="44,38,21", help="R,A,S mm of the cut (default: the real crop)")
     parser.add_argument("--whole-head", action="store_true",
                         help="compare with a whole-head field of view instead of the cut")
+    parser.add_argument("--below", default="",
+                        help="also cut the whole-head view this many mm below the basilar tip "
+                             "(comma-separated; mm >= 0)")
     args = parser.parse_args(argv)
     try:
         box = np.array([float(v) for v in args.box.split(",")])
@@ -68,6 +97,13 @@ def main(argv=None) -> int:
             raise ValueError
     except ValueError:
         print(f"error: --box takes three positive numbers (mm), got {args.box!r}", file=sys.stderr)
+        return 2
+    try:
+        below = tuple(float(v) for v in args.below.split(",")) if args.below else ()
+        if any(d < 0 for d in below):
+            raise ValueError
+    except ValueError:
+        print(f"error: --below takes mm >= 0, comma-separated, got {args.below!r}", file=sys.stderr)
         return 2
     from cowjax.inference.predictor import load_predictor  # JAX: only once the arguments are good
     try:
@@ -77,7 +113,7 @@ def main(argv=None) -> int:
         return 2
     errors: dict = {}
     for k in tqdm(range(args.num), desc="field of view", unit="case"):
-        truth, views = _views(args.seed, k, box, args.whole_head)
+        truth, views = _views(args.seed, k, box, args.whole_head, below)
         for model, predictor in predictors.items():
             seen = {}                               # one prediction per image, however scored
             for name, image, affine, scored in views:

@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from cowjax import anatomy
 from cowjax.data import io
@@ -87,14 +88,45 @@ def test_a_whole_head_field_of_view_shows_the_same_subject():
         assert case.vessels[tuple(p.T)].mean() > 0.8      # landmarks on the drawn vessels
 
 
-def test_field_of_view_benchmark_refuses_a_bad_box_in_one_line(capsys):
+def _field_of_view():
     spec = importlib.util.spec_from_file_location("field_of_view",
                                                   _PATH.parent / "field_of_view.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main(["models/ready", "--box", "44,38"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --box") and "\n" not in err
+    return mod
+
+
+def test_field_of_view_benchmark_refuses_a_bad_box_in_one_line(capsys):
+    mod = _field_of_view()
+    for flag, value in (("--box", "44,38"), ("--below", "-5"), ("--below", "ten")):
+        assert mod.main(["models/ready", flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {flag}") and "\n" not in err
+
+
+def test_a_slab_keeps_the_voxels_above_its_edge_where_they_were():
+    """``field_of_view._slab`` on an oblique grid: what it keeps lies at or above the edge, every
+    voxel above the edge is kept, at the same world position with the same value."""
+    mod = _field_of_view()
+    rng = np.random.default_rng(0)
+    image = rng.uniform(1.0, 2.0, (20, 18, 16)).astype(np.float32)
+    turn = Rotation.from_euler("xyz", [8, -5, 12], degrees=True).as_matrix()
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = turn * [0.6, 0.6, 0.8], [-5.0, 3.0, -4.0]
+    edge = (affine @ [10, 9, 8, 1])[2]                     # through the middle voxel
+    slab, moved = mod._slab(image, affine, edge)
+
+    def world(shape, a):
+        ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+        return ijk @ a[:3, :3].T + a[:3, 3]
+
+    assert slab.size < image.size and np.all(world(slab.shape, moved)[slab > 0][:, 2] >= edge)
+    kept = image[world(image.shape, affine)[..., 2] >= edge]
+    np.testing.assert_array_equal(np.sort(slab[slab > 0]), np.sort(kept))
+    ijk = np.argwhere(slab > 0)
+    source = np.linalg.solve(affine[:3, :3], (ijk @ moved[:3, :3].T + moved[:3, 3]
+                                              - affine[:3, 3]).T).T
+    np.testing.assert_array_equal(image[tuple(np.round(source).astype(int).T)], slab[slab > 0])
 
 
 def test_real_crop_landmarks_are_circle_junctions_and_a_missing_image_is_one_line(tmp_path, capsys):
