@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import appearance  # noqa: E402
 import heldout_mra  # noqa: E402
 from cowjax import anatomy  # noqa: E402
-from cowjax.data import augment  # noqa: E402
+from cowjax.data import augment, preprocess  # noqa: E402
 from cowjax.errors import CowjaxError  # noqa: E402
 
 SPACING = (0.5, 0.5, 0.8)
@@ -44,13 +44,13 @@ HEAD_FOV_MM = (160.0, 190.0, 140.0)
 def _slab(image: np.ndarray, affine: np.ndarray, floor_mm: float):
     """The image without its voxels below world z = ``floor_mm`` (zero where the grid is oblique),
     cropped to the rest: (image, affine)."""
-    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in image.shape], indexing="ij"), -1)
-    keep = ijk @ affine[2, :3] + affine[2, 3] >= floor_mm
+    i, j, k = np.ogrid[tuple(slice(0, n) for n in image.shape)]   # world z by broadcasting
+    keep = affine[2, 0] * i + affine[2, 1] * j + affine[2, 2] * k + affine[2, 3] >= floor_mm
     kept = np.argwhere(keep)
     lo, hi = kept.min(axis=0), kept.max(axis=0) + 1
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     moved = affine.copy()
-    moved[:3, 3] = affine[:3, :3] @ lo + affine[:3, 3]
+    moved[:3, 3] = preprocess.voxel_to_world(lo[None], affine)[0]
     return np.where(keep, image, 0)[box], moved
 
 
