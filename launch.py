@@ -76,8 +76,9 @@ _REFINE = flags.DEFINE_bool("refine", True, "predict, eval: use the run's refine
                             "it has one (--norefine: the first network alone, as the paper).")
 _ALIGN = flags.DEFINE_bool("align", True, "predict, eval: for a run that does not register its "
                           "images, place the windows on a grid aligned to the template by the "
-                          "landmarks found in the search for the circle (--noalign: on the "
-                          "image's own axes).")
+                          "landmarks found in the search for the circle, and read each "
+                          "landmark's heatmap within 30 mm of the template fitted there "
+                          "(--noalign: on the image's own axes, each heatmap read whole).")
 _PRESENCE = flags.DEFINE_enum("presence", "image", ["image", "network"],
                               "predict, eval: where the variable segments' presence comes from "
                               "('image': the lumen between the predicted landmarks; 'network': "

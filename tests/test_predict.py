@@ -428,7 +428,8 @@ def test_the_first_stage_looks_on_a_grid_aligned_to_the_template(monkeypatch):
 
     affine = _affine((1.2, 0.9, 2.0), 30.0, (-1, -1, 1), (24.0, 39.0, -24.0))
     centre, shape = np.array([4.0, -2.5, 1.3]), (60, 70, 30)
-    predictor = _echo_predictor(2, flip=False, align=True)
+    # The stand-in pose is a turn, not a fit to the template: no gate round the template's landmarks.
+    predictor = _echo_predictor(2, flip=False, align=True, gate_mm=None)
     predictor.refiner = Refiner()
     pred = predictor.predict(_blob_image(affine, shape, centre), affine)
     assert len(fitted) == 1                                   # from the search's window
@@ -629,3 +630,18 @@ def test_an_ensemble_folder_predicts_and_evaluates_as_its_runs(workdir, tmp_path
     with pytest.raises(CowjaxError, match="no best checkpoint"):
         checkpoint.export_ensemble([workdir, tmp_path / "nothing"], tmp_path / "none")
     assert not (tmp_path / "one").exists() and not (tmp_path / "none").exists()
+
+
+def test_each_landmark_is_read_near_where_the_fitted_template_puts_it(monkeypatch):
+    """A second, brighter peak further than ``gate_mm`` from the template fitted to the search's
+    landmarks is not taken; without the gate the highest peak wins, wherever it is."""
+    affine = _affine((2.0, 2.0, 2.0), origin=(-60.0, -50.0, -40.0))
+    shape, near, far = (60, 50, 40), np.array([-20.0, 0.0, 0.0]), np.array([20.0, 0.0, 0.0])
+    image = (_blob_image(affine, shape, far, sigma_mm=6.0)
+             + 0.6 * _blob_image(affine, shape, near, sigma_mm=6.0))
+    monkeypatch.setattr(predictor_lib, "pose_to_template", lambda landmarks: np.eye(4))
+    monkeypatch.setattr(predictor_lib.anatomy, "TEMPLATE_LANDMARKS", np.tile(near, (L, 1)))
+    gated = _echo_predictor(1, flip=False, align=True).predict(image, affine).landmarks
+    np.testing.assert_allclose(gated, np.broadcast_to(near, (L, 3)), atol=1.0)
+    plain = _echo_predictor(1, flip=False, align=True, gate_mm=None).predict(image, affine)
+    np.testing.assert_allclose(plain.landmarks, np.broadcast_to(far, (L, 3)), atol=1.0)
