@@ -358,6 +358,8 @@ class Predictor:
         if prior is not None:
             gated = keep & self._gate(centres, preprocess.world_to_voxel(prior, grid_affine))
             keep = np.where(gated.any(axis=(0, 1, 2)), gated, keep)  # none in reach: ungated
+        # Out of reach = the heatmaps' lowest value: a spatial-softmax model's confidence is then in
+        # effect the probability mass near the peak among the voxels within reach.
         blended = np.where(keep, blended, blended.min())
         coords, confidence = heatmaps.decode(blended[None], self.decode_method, stride=s,
                                              kind=self.kind)
