@@ -119,8 +119,8 @@ def estimate_fov_centre(image: np.ndarray, affine: np.ndarray, radius_mm: float 
     Vessel-like voxels are the 2 % most tubular (``_tubularity`` at a ~1.2 mm scale, so bright
     plates and large bright blobs do not count). The centre is the densest cluster of them: the mode
     of their ``radius_mm``-smoothed count, refined by mean-shift steps, so isolated tubes elsewhere
-    do not pull it. Works on a >= 2.5 mm subsample: plenty for a first guess (the predictor's
-    ``locate`` searches from it), and cheap (well under a second).
+    do not pull it. Works on every k-th voxel, a subsample of at most 2.5 mm voxels: plenty for a
+    first guess (the predictor's ``locate`` searches from it), and cheap (well under a second).
     """
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
     stride = np.maximum(1, np.floor(2.5 / zooms)).astype(int)

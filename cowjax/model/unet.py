@@ -241,9 +241,9 @@ class CowNet(nn.Module):
 
 
 def build_model(config) -> CowNet:
-    """The network for ``config`` (the full config or its ``model`` group; ``config_check.validate``
-    checks the settings)."""
-    m = config.model if "model" in config else config
+    """The network for ``config``: the full config (its ``model`` group, and its heatmap loss for
+    the attention scale); ``config_check.validate`` checks the settings beforehand."""
+    m = config.model
     widths = tuple(int(w) for w in m.widths)
     return CowNet(widths=widths, norm=m.norm, dtype=m.dtype, heatmap_stride=int(m.heatmap_stride),
                   segmentation_stride=int(m.segmentation_stride),
