@@ -37,7 +37,7 @@ As the paper, and how the synthetic default differs:
   changes little there, and a synthetic run rehearses the real one.
 
 A heatmap term near 0.02 may be a constant map (``losses.heatmap_l2``): the validation MRE tells.
-At 2 mm on the synthetic set the network stayed 42-50 mm off for 7000 steps (125 epochs) at lr 1e-4
+At 2 mm on the synthetic set the network stayed 42-50 mm off for 8400 steps (150 epochs) at lr 1e-4
 and was 24-26 mm off after 3000-4000 at ``--config.optim.learning_rate=1e-3`` (BENCHMARKS.md,
 2026-12-05 and 2026-12-07).
 """
