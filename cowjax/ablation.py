@@ -59,6 +59,9 @@ METRICS = (("mre_mm", "MRE (mm)", 1, 2), ("median_mm", "median (mm)", 1, 2),
            ("segment_attr_accuracy", "presence acc (%)", 100, 1),
            ("variable_segment_attr_accuracy", "variable presence acc (%)", 100, 1),
            ("landmark_attr_accuracy", "bifurcation acc (%)", 100, 1))
+# What each number can be: errors are at least 0, the rest (SDR, Dice, accuracies) fractions.
+_RANGE = {"mre_mm": (0.0, np.inf), "median_mm": (0.0, np.inf)}
+_FRACTION = (0.0, 1.0)
 # Fields that change how a run is watched, not what it learns: free to differ between calls.
 _UNCHECKED = {"log_every_steps", "data.num_workers", "train.steps_per_call", "train.distributed",
               "train.keep_checkpoints"}
@@ -236,10 +239,12 @@ def _errors(record: dict) -> np.ndarray:
 
 # -------------------------------------------------------------------------------- statistics
 
-def mean_interval(values) -> dict:
+def mean_interval(values, bounds=(-np.inf, np.inf)) -> dict:
     """Mean over seeds and its 95% Student t interval: {"mean", "ci95": [lo, hi] or None, "n"}.
 
     None or NaN values (a number a run could not measure) are left out; one value has no interval.
+    The interval is clipped to ``bounds``, what the number can be: with two or three seeds the t
+    interval of an accuracy near 100% would otherwise reach past it.
     """
     v = np.array([x for x in values if x is not None and np.isfinite(x)], np.float64)
     if v.size == 0:
@@ -248,7 +253,8 @@ def mean_interval(values) -> dict:
     if v.size == 1:
         return {"mean": mean, "ci95": None, "n": 1}
     half = float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
-    return {"mean": mean, "ci95": [mean - half, mean + half], "n": int(v.size)}
+    lo, hi = bounds
+    return {"mean": mean, "ci95": [max(mean - half, lo), min(mean + half, hi)], "n": int(v.size)}
 
 
 def paired_difference(errors, reference, num_resamples: int = NUM_RESAMPLES, seed: int = 0) -> dict:
@@ -305,7 +311,8 @@ def compare(records: dict[str, dict], runs: dict, arms: dict[str, list[str]]) ->
         out[arm] = {
             "runs": {n: {"seed": runs[n].seed, "report": records[n]["report"],
                          "summary": records[n]["summary"]} for n in names},
-            "metrics": {k: mean_interval([numbers[n][k] for n in names]) for k, *_ in METRICS},
+            "metrics": {k: mean_interval([numbers[n][k] for n in names], _RANGE.get(k, _FRACTION))
+                        for k, *_ in METRICS},
             "pooled_mre_mm": float(metrics.mre(errors[arm])),
             f"difference_from_{reference}": (None if arm == reference else
                                              paired_difference(errors[arm], errors[reference]))}
@@ -341,7 +348,8 @@ def markdown(report: dict) -> str:
     seeds = report["seeds"] > 1
     lines = [f"# {report['title']}", "", f"Command: `{report['command']}`", "", report["about"],
              "", "## Per arm", "",
-             "Mean over seeds, with the 95% Student t interval over seeds in brackets (n/a: one seed)."
+             "Mean over seeds, with the 95% Student t interval over seeds in brackets, clipped to what "
+             "the number can be (n/a: one seed)."
              if seeds else "One run per arm (one seed: no interval).",
              "", "| arm | loss | " + " | ".join(label for _, label, *_ in METRICS) + " |",
              "|---|---|" + "---|" * len(METRICS)]

@@ -156,6 +156,11 @@ def test_mean_interval_over_seeds():
     half = 4.303 / 3 ** 0.5                      # t(0.975, 2 degrees of freedom) x sd 1 / sqrt(3)
     assert m["mean"] == 2.0 and m["ci95"] == pytest.approx([2 - half, 2 + half], abs=1e-3)
     assert ablation.mean_interval([1.5, None]) == {"mean": 1.5, "ci95": None, "n": 1}
+    # Two seeds' accuracies near 1: the t interval, 0.95 +- 12.706 x 0.0707 / sqrt 2, is cut at 1.
+    wide = ablation.mean_interval([0.9, 1.0], bounds=(0.0, 1.0))
+    assert wide["mean"] == pytest.approx(0.95)
+    assert wide["ci95"] == pytest.approx([0.95 - 0.6353, 1.0], abs=1e-3)
+    assert ablation.mean_interval([0.9, 1.0])["ci95"][1] > 1.0     # unbounded by default
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path):
