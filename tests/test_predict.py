@@ -333,7 +333,28 @@ def test_eval_scores_cases_and_writes_the_report(workdir, tmp_path, capsys):
     assert g["num_cases_with_segments"] == 1 and g["segment_attr_count"] == anatomy.NUM_SEGMENTS
     assert report["groups"]["variant"]["num_cases"] == 1
     assert report["groups"]["complete"]["num_cases"] == 0
+    # The image and its mirror were averaged: every scored landmark falls in one spread band.
+    bands = g["error_by_spread"]
+    assert sum(b["count"] for b in bands) == g["num_landmarks"]
+    band = np.searchsorted(evaluate.SPREAD_BANDS_MM, pred.spread_mm, side="right") - 1
+    for k, b in enumerate(bands):
+        assert b["count"] == 2 * np.sum((band == k) & np.isfinite(truth[:, 0]))
+    assert "Errors by the passes' spread" in (out / "report.md").read_text(encoding="utf-8")
     assert "report.md" in capsys.readouterr().out
+
+
+def test_errors_by_spread_bands():
+    errors = np.array([[0.5, 5.0, np.nan, 1.0], [3.0, 6.0, 2.0, 9.0]])
+    spreads = np.array([[0.1, 0.2, 0.3, 0.7], [0.7, 1.5, 2.5, np.nan]])
+    bands = evaluate.error_by_spread(errors, spreads)
+    assert [b["count"] for b in bands] == [2, 2, 1, 1]      # NaN error or spread: left out
+    assert bands[0]["mre_mm"] == pytest.approx(2.75) and bands[0]["over_4mm"] == 0.5
+    assert bands[1]["mre_mm"] == pytest.approx(2.0) and bands[1]["over_4mm"] == 0.0
+    assert bands[2]["over_4mm"] == 1.0 and bands[3]["mre_mm"] == pytest.approx(2.0)
+    assert bands[-1]["to_mm"] is None
+    empty = evaluate.error_by_spread([[1.0]], [[0.2]])[1]
+    assert empty["count"] == 0 and empty["mre_mm"] is None and empty["over_4mm"] is None
+    assert evaluate.error_by_spread(errors, np.full_like(spreads, np.nan)) is None
 
 
 def test_eval_names_the_cases_of_two_datasets_apart(workdir, tmp_path):
@@ -376,6 +397,39 @@ def test_flip_brings_the_mirror_image_back_onto_the_right_channels():
     pred = predictor.predict(_blob_image(affine, (40, 40, 30), centre), affine)
     spacing = np.asarray(predictor.config.data.spacing)
     np.testing.assert_allclose(pred.landmarks, centre + d * spacing, atol=0.5)
+
+
+def test_the_spread_is_how_far_the_image_and_its_mirror_put_each_landmark_from_their_mean(
+        tmp_path):
+    """The passes averaged disagree by a known amount; the spread is half the distance between
+    them (the mirror pass undone first), is written beside the positions, and is left out after
+    a single pass."""
+    rng = np.random.default_rng(1)
+    direct, in_mirror = rng.normal(0, 5, (L, 3)), rng.normal(0, 5, (L, 3))
+    mirror = in_mirror[anatomy.MIRROR_LANDMARKS] * [-1.0, 1.0, 1.0]   # back in the patient's world
+    for flip in (True, False):
+        predictor = _echo_predictor(1, flip=flip)
+        answers = iter([direct, in_mirror])
+        predictor._predict_pass = lambda image, aff, head: (predictor_lib.Prediction(
+            next(answers).copy(), np.ones(L), np.full(L, 0.5), np.ones(anatomy.NUM_SEGMENTS)), None)
+        pred, _ = predictor.network_prediction(np.zeros((8, 8, 8), np.float32), np.eye(4))
+        if not flip:
+            assert pred.spread_mm is None and "spread_mm" not in (
+                predict.prediction_dict(pred)["landmarks"]["BA_top"])
+            continue
+        np.testing.assert_allclose(pred.landmarks, (direct + mirror) / 2)
+        np.testing.assert_allclose(pred.spread_mm, np.linalg.norm(direct - mirror, axis=-1) / 2)
+        doc = predict.prediction_dict(pred)["landmarks"]
+        np.testing.assert_allclose([doc[n]["spread_mm"] for n in anatomy.LANDMARKS], pred.spread_mm)
+        for name in ("out.mrk.json", "out.csv"):
+            predict.write_prediction(tmp_path / name, pred)
+            np.testing.assert_allclose(io.read_landmarks(tmp_path / name), pred.landmarks,
+                                       atol=1e-9)
+        markup = json.loads((tmp_path / "out.mrk.json").read_text())["markups"][0]
+        point = markup["controlPoints"][0]
+        assert point["description"] == f"confidence=1.0000 spread_mm={pred.spread_mm[0]:.2f}"
+        header = (tmp_path / "out.csv").read_text().splitlines()[1]
+        assert header == "name,x,y,z,confidence,spread_mm"
 
 
 def _turn(degrees, shift=(5.0, -3.0, 2.0)):
@@ -564,7 +618,8 @@ def test_an_ensemble_averages_its_members_and_reads_the_image_once(monkeypatch):
     found = [predictor_lib.Prediction(landmarks=rng.normal(0, 5, (L, 3)),
                                       confidence=rng.random(L),
                                       bifurcation_branch_prob=rng.random(L),
-                                      present_prob=rng.random(anatomy.NUM_SEGMENTS))
+                                      present_prob=rng.random(anatomy.NUM_SEGMENTS),
+                                      spread_mm=rng.random(L))
              for _ in members]
     for m, p in zip(members, found):
         m.network_prediction = lambda image, aff, head=False, p=p: (
@@ -582,6 +637,15 @@ def test_an_ensemble_averages_its_members_and_reads_the_image_once(monkeypatch):
     np.testing.assert_allclose(pred.bifurcation_branch_prob,
                                (found[0].bifurcation_branch_prob
                                 + found[1].bifurcation_branch_prob) / 2)
+    # The spread of all four passes about the mean: each member's two passes lie its own spread
+    # either side of its landmarks (any direction; here along a random one).
+    passes = []
+    for p in found:
+        u = rng.normal(size=(L, 3))
+        u *= (p.spread_mm / np.linalg.norm(u, axis=-1))[:, None]
+        passes += [p.landmarks + u, p.landmarks - u]
+    rms = np.sqrt(np.mean([np.sum((q - mean) ** 2, axis=-1) for q in passes], axis=0))
+    np.testing.assert_allclose(pred.spread_mm, rms)
     assert len(read) == 1
     np.testing.assert_allclose(read[0], mean)
     np.testing.assert_allclose(pred.segment_radius_mm, real_radii(img, affine, mean),

@@ -26,6 +26,9 @@ from cowjax.inference.predictor import Ensemble, Predictor, load_predictor
 
 NUM_MIP_CASES = 3
 GROUPS = ("all", "complete", "variant")
+# How far apart the averaged passes put a landmark (``Prediction.spread_mm``), in bands for the
+# report: whether the landmarks they disagree on are the wrong ones, on the user's own cases.
+SPREAD_BANDS_MM = (0.0, 0.5, 1.0, 2.0, np.inf)
 
 
 def _truth_attributes(case: io.Case, part: str, names) -> tuple[np.ndarray, np.ndarray]:
@@ -61,6 +64,8 @@ def score_case(predictor: Predictor | Ensemble, case: io.Case, name: str | None 
         "segment_attr": (pred.present_prob > 0.5, seg_true, seg_known),
         "landmark_attr": (pred.bifurcation_prob > 0.5, lm_true, lm_known),
         "pred_landmarks": pred.landmarks, "confidence": pred.confidence,
+        "spread_mm": (np.full(anatomy.NUM_LANDMARKS, np.nan) if pred.spread_mm is None
+                      else pred.spread_mm),
         "segmentation": pred.segmentation,
     }
 
@@ -70,8 +75,25 @@ def _nan_to_none(x):
     return None if not np.isfinite(x) else x
 
 
+def error_by_spread(errors, spreads) -> list[dict] | None:
+    """Per ``SPREAD_BANDS_MM`` band of the passes' spread: how many landmarks, their MRE and the
+    fraction more than 4 mm off (None without spreads: a single pass)."""
+    err, spread = np.asarray(errors, np.float64), np.asarray(spreads, np.float64)
+    known = np.isfinite(err) & np.isfinite(spread)
+    if not known.any():
+        return None
+    bands = []
+    for lo, hi in zip(SPREAD_BANDS_MM[:-1], SPREAD_BANDS_MM[1:]):
+        e = err[known & (spread >= lo) & (spread < hi)]
+        bands.append({"from_mm": lo, "to_mm": None if np.isinf(hi) else hi, "count": int(e.size),
+                      "mre_mm": _nan_to_none(e.mean()) if e.size else None,
+                      "over_4mm": _nan_to_none(np.mean(e > 4.0)) if e.size else None})
+    return bands
+
+
 def summarize(records: list[dict]) -> dict:
-    """Metrics over cases: MRE, median, SDR, per landmark; Dice; attribute accuracy; counts."""
+    """Metrics over cases: MRE, median, SDR, per landmark; Dice; attribute accuracy; counts; the
+    errors by the passes' spread."""
     if not records:
         return {"num_cases": 0}
     err = np.stack([r["errors_mm"] for r in records])            # [N, 19]
@@ -95,6 +117,9 @@ def summarize(records: list[dict]) -> dict:
                               else None),
            "head_dice_per_segment": {n: _nan_to_none(v) for n, v in zip(
                anatomy.SEGMENTS, metrics.mre(head_dice, axis=0))},
+           "error_by_spread": error_by_spread(
+               err, np.stack([r.get("spread_mm", np.full(anatomy.NUM_LANDMARKS, np.nan))
+                              for r in records])),
            "seconds_per_case": float(np.mean([r["seconds"] for r in records]))}
     variable = {"segment_attr": anatomy.VARIABLE_SEGMENT_MASK,
                 "landmark_attr": anatomy.VARIABLE_LANDMARK_MASK}
@@ -154,6 +179,18 @@ def markdown(run: str, data_name: str, report: dict) -> str:
     for n in anatomy.LANDMARKS:
         lines.append(f"| {n} | {_fmt(overall['per_landmark_mre_mm'][n])} | "
                      f"{overall['per_landmark_count'][n]} |")
+    if overall.get("error_by_spread"):
+        lines += ["", "## Errors by the passes' spread (all cases)", "",
+                  "How far the passes averaged into each landmark (the image and its mirror, for "
+                  "each member of an ensemble) lie from it, root mean square; predict writes it "
+                  "as `spread_mm`. A landmark the passes disagree on is the one to check.", "",
+                  "| spread (mm) | landmarks | MRE (mm) | more than 4 mm off (%) |",
+                  "|---|---|---|---|"]
+        for b in overall["error_by_spread"]:
+            band = (f"{b['from_mm']:g}-{b['to_mm']:g}" if b["to_mm"] is not None
+                    else f"{b['from_mm']:g} or more")
+            lines.append(f"| {band} | {b['count']} | {_fmt(b['mre_mm'])} | "
+                         f"{_fmt(b['over_4mm'], 100, 1)} |")
     lines += ["", "## Dice per segment (all cases)", "",
               "On the image's own grid. Written labelling: the image's lumen labelled by the "
               "predicted landmarks; head: the same lumen labelled by the network's segmentation "

@@ -32,13 +32,16 @@ def _output_kind(path: Path) -> str:
 
 
 def prediction_dict(pred: Prediction) -> dict:
-    """The ``.json`` output: landmarks with position, confidence, bifurcation probability; segments
-    with presence probability and, where the image measured it, their radius (mm)."""
+    """The ``.json`` output: landmarks with position, confidence, the passes' spread (mm, where
+    several passes were averaged), bifurcation probability; segments with presence probability
+    and, where the image measured it, their radius (mm)."""
     radius = (pred.segment_radius_mm if pred.segment_radius_mm is not None
               else np.full(anatomy.NUM_SEGMENTS, np.nan))
     return {
         "landmarks": {name: {"position_ras_mm": [float(v) for v in pred.landmarks[i]],
                              "confidence": float(pred.confidence[i]),
+                             **({} if pred.spread_mm is None else
+                                {"spread_mm": float(pred.spread_mm[i])}),
                              "bifurcation_prob": float(pred.bifurcation_prob[i]),
                              "bifurcation_branch_prob": float(pred.bifurcation_branch_prob[i])}
                       for i, name in enumerate(anatomy.LANDMARKS)},
@@ -56,7 +59,8 @@ def write_prediction(path, pred: Prediction) -> None:
         with atomic_output(path) as tmp:
             tmp.write_text(json.dumps(prediction_dict(pred), indent=1), encoding="utf-8")
     else:
-        io.write_landmarks(path, pred.landmarks, confidences=pred.confidence)
+        io.write_landmarks(path, pred.landmarks, confidences=pred.confidence,
+                           spreads_mm=pred.spread_mm)
 
 
 def write_figure(path, name: str, image: np.ndarray, affine: np.ndarray, pred: Prediction) -> Path:

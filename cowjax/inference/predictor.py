@@ -66,11 +66,16 @@ class Prediction:
     segmentation: None or [X, Y, Z] uint8 labels 0..20 on the input image's grid (the lumen
     labelled by the predicted landmarks, without the variable segments ``present_prob`` calls
     absent, ``segment.drop_absent``); head_segmentation: None or the same lumen labelled by the
-    network's segmentation head (``segment``)."""
+    network's segmentation head (``segment``);
+    spread_mm: None or [19], how far the passes that were averaged into ``landmarks`` (the image
+    and its mirror, for each member of an ensemble) lie from it, root mean square in mm; None
+    after a single pass. A landmark the passes disagree on is more often wrong (BENCHMARKS.md,
+    2026-12-07 15:16): the one to check by hand."""
     landmarks: np.ndarray
     confidence: np.ndarray
     bifurcation_branch_prob: np.ndarray
     present_prob: np.ndarray
+    spread_mm: np.ndarray | None = None
     segment_radius_mm: np.ndarray | None = None
     segmentation: np.ndarray | None = None
     head_segmentation: np.ndarray | None = None
@@ -247,8 +252,10 @@ class Predictor:
         if self.flip:
             m, _ = self._predict_pass(image, MIRROR @ affine, False)
             lm, seg_idx = anatomy.MIRROR_LANDMARKS, anatomy.MIRROR_SEGMENTS
+            mirrored = m.landmarks[lm] * [-1.0, 1.0, 1.0]
             pred = dataclasses.replace(
-                pred, landmarks=(pred.landmarks + m.landmarks[lm] * [-1.0, 1.0, 1.0]) / 2,
+                pred, landmarks=(pred.landmarks + mirrored) / 2,
+                spread_mm=np.linalg.norm(pred.landmarks - mirrored, axis=-1) / 2,
                 confidence=(pred.confidence + m.confidence[lm]) / 2,
                 bifurcation_branch_prob=(pred.bifurcation_branch_prob
                                          + m.bifurcation_branch_prob[lm]) / 2,
@@ -466,6 +473,11 @@ class Ensemble:
         mean = Prediction(**{f: np.mean([getattr(p, f) for p in preds], axis=0)
                              for f in ("landmarks", "confidence", "bifurcation_branch_prob",
                                        "present_prob")})
+        # Every member made as many passes, so the spread of all passes about the mean is each
+        # member's own spread and its distance from the mean, in quadrature, averaged.
+        mean.spread_mm = np.sqrt(np.mean(
+            [(0.0 if p.spread_mm is None else np.square(p.spread_mm))
+             + np.sum(np.square(p.landmarks - mean.landmarks), axis=-1) for p in preds], axis=0))
         return self.members[0].read_image(image, affine, mean, found[0][1], segmentation,
                                           head_segmentation)
 

@@ -167,33 +167,42 @@ def read_landmarks(path: str | Path, coordinate_system: str | None = None) -> np
     return reader(path, text, coordinate_system)
 
 
-def _confidences(landmarks: np.ndarray, confidences) -> np.ndarray | None:
-    if confidences is None:
-        return None
-    confidences = np.asarray(confidences, dtype=np.float64)
-    if confidences.shape != (landmarks.shape[0],):
-        raise ValueError(f"confidences shape {confidences.shape} != ({landmarks.shape[0]},)")
-    return confidences
+def _per_point(values: dict) -> dict[str, np.ndarray]:
+    """{name: [19] floats} of the values given (None: left out)."""
+    out = {}
+    for name, v in values.items():
+        if v is not None:
+            v = np.asarray(v, dtype=np.float64)
+            if v.shape != (anatomy.NUM_LANDMARKS,):
+                raise ValueError(f"{name} shape {v.shape} != ({anatomy.NUM_LANDMARKS},)")
+            out[name] = v
+    return out
 
 
-def write_landmarks(path: str | Path, landmarks_ras: np.ndarray, confidences=None) -> None:
+def write_landmarks(path: str | Path, landmarks_ras: np.ndarray, confidences=None,
+                    spreads_mm=None) -> None:
     """Write [19, 3] RAS landmarks by suffix, atomically; NaN rows are not positions.
 
     ``.mrk.json`` is written in LPS as Slicer writes it, unknown points kept with positionStatus
     "missing"; ``.fcsv`` (LPS) and ``.csv`` (RAS, declared in a comment line) leave them out.
-    Confidences, if given ([19]), go in each point's description (.mrk.json/.fcsv) or a column (.csv).
+    Confidences and the passes' spreads, if given ([19] each), go in each point's description
+    (``confidence=0.8123 spread_mm=0.42``; .mrk.json/.fcsv) or in columns (.csv).
     """
     path = Path(path)
     kind = _landmark_format(path)
     ras = np.asarray(landmarks_ras, dtype=np.float64)
     if ras.shape != (anatomy.NUM_LANDMARKS, 3):
         raise ValueError(f"landmarks shape {ras.shape} != ({anatomy.NUM_LANDMARKS}, 3)")
-    conf = _confidences(ras, confidences)
+    extra = _per_point({"confidence": confidences, "spread_mm": spreads_mm})
     known = np.all(np.isfinite(ras), axis=1)
     lps = ras @ anatomy.LPS_TO_RAS.T
 
+    def cells(i: int) -> list[str]:
+        return [f"{v[i]:.4f}" if name == "confidence" else f"{v[i]:.2f}"
+                for name, v in extra.items()]
+
     def desc(i: int) -> str:
-        return "" if conf is None else f"confidence={conf[i]:.4f}"
+        return " ".join(f"{name}={cell}" for name, cell in zip(extra, cells(i)))
 
     if kind == ".mrk.json":
         points = []
@@ -221,11 +230,10 @@ def write_landmarks(path: str | Path, landmarks_ras: np.ndarray, confidences=Non
         buf = _io.StringIO()
         buf.write("# coordinate_system = RAS\n")
         writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(["name", "x", "y", "z"] + ([] if conf is None else ["confidence"]))
+        writer.writerow(["name", "x", "y", "z", *extra])
         for i, name in enumerate(anatomy.LANDMARKS):
             if known[i]:
-                writer.writerow([name] + [repr(float(v)) for v in ras[i]]
-                                + ([] if conf is None else [f"{conf[i]:.4f}"]))
+                writer.writerow([name] + [repr(float(v)) for v in ras[i]] + cells(i))
         text = buf.getvalue()
     with atomic_output(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
