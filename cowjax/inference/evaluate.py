@@ -86,8 +86,8 @@ def error_by_spread(errors, spreads) -> list[dict] | None:
     for lo, hi in zip(SPREAD_BANDS_MM[:-1], SPREAD_BANDS_MM[1:]):
         e = err[known & (spread >= lo) & (spread < hi)]
         bands.append({"from_mm": lo, "to_mm": None if np.isinf(hi) else hi, "count": int(e.size),
-                      "mre_mm": _nan_to_none(e.mean()) if e.size else None,
-                      "over_4mm": _nan_to_none(np.mean(e > 4.0)) if e.size else None})
+                      "mre_mm": _nan_to_none(metrics.mre(e)),
+                      "over_4mm": _nan_to_none(1.0 - metrics.sdr(e, 4.0))})
     return bands
 
 
@@ -117,9 +117,7 @@ def summarize(records: list[dict]) -> dict:
                               else None),
            "head_dice_per_segment": {n: _nan_to_none(v) for n, v in zip(
                anatomy.SEGMENTS, metrics.mre(head_dice, axis=0))},
-           "error_by_spread": error_by_spread(
-               err, np.stack([r.get("spread_mm", np.full(anatomy.NUM_LANDMARKS, np.nan))
-                              for r in records])),
+           "error_by_spread": error_by_spread(err, np.stack([r["spread_mm"] for r in records])),
            "seconds_per_case": float(np.mean([r["seconds"] for r in records]))}
     variable = {"segment_attr": anatomy.VARIABLE_SEGMENT_MASK,
                 "landmark_attr": anatomy.VARIABLE_LANDMARK_MASK}

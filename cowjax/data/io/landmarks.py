@@ -167,6 +167,10 @@ def read_landmarks(path: str | Path, coordinate_system: str | None = None) -> np
     return reader(path, text, coordinate_system)
 
 
+# The per-point values write_landmarks can add, with the decimals each is written to.
+_POINT_DIGITS = {"confidence": 4, "spread_mm": 2}
+
+
 def _per_point(values: dict) -> dict[str, np.ndarray]:
     """{name: [19] floats} of the values given (None: left out)."""
     out = {}
@@ -198,8 +202,7 @@ def write_landmarks(path: str | Path, landmarks_ras: np.ndarray, confidences=Non
     lps = ras @ anatomy.LPS_TO_RAS.T
 
     def cells(i: int) -> list[str]:
-        return [f"{v[i]:.4f}" if name == "confidence" else f"{v[i]:.2f}"
-                for name, v in extra.items()]
+        return [f"{v[i]:.{_POINT_DIGITS[name]}f}" for name, v in extra.items()]
 
     def desc(i: int) -> str:
         return " ".join(f"{name}={cell}" for name, cell in zip(extra, cells(i)))
