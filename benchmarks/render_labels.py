@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cowjax.data import io  # noqa: E402
+from cowjax.data import io, preprocess  # noqa: E402
 from cowjax.errors import CowjaxError, atomic_output_dir  # noqa: E402
 
 STYLES = ("soft", "binary", "binary-topcow")
@@ -44,8 +44,8 @@ NOISE = 0.06
 TOPCOW_IN_PLANE_MM, TOPCOW_SLICE_MM = 0.3, 0.6
 
 
-def topcow_grid(shape, affine) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
-    """(shape, affine, voxel scale [3]) of TopCoW's grid over the same field of view: voxel 0 where
+def topcow_grid(shape, affine) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape, affine) of TopCoW's grid over the same field of view: voxel 0 where
     it was, 0.6 mm along the voxel axis nearest the world's superior, 0.3 mm along the others."""
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
     spacing = np.full(3, TOPCOW_IN_PLANE_MM)
@@ -54,7 +54,7 @@ def topcow_grid(shape, affine) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]
     new_shape = tuple(int(n) for n in np.floor((np.asarray(shape) - 1) / scale) + 1)
     new_affine = np.asarray(affine, np.float64).copy()
     new_affine[:3, :3] = new_affine[:3, :3] * scale
-    return new_shape, new_affine, scale
+    return new_shape, new_affine
 
 
 def render(mask: np.ndarray, zooms, style: str, rng: np.random.Generator) -> np.ndarray:
@@ -76,11 +76,11 @@ def render_case(case: io.Case, labels: str, style: str, dilate: int) -> io.Case:
         mask = ndimage.binary_dilation(mask, iterations=dilate)
     affine, vessels, segments = case.affine, case.vessels, case.segments
     if style == "binary-topcow":
-        shape, affine, scale = topcow_grid(mask.shape, case.affine)
+        shape, affine = topcow_grid(mask.shape, case.affine)
 
         def resample(volume):
-            return None if volume is None else ndimage.affine_transform(
-                volume.astype(np.uint8), scale, output_shape=shape, order=0)
+            return None if volume is None else preprocess.resample(
+                volume.astype(np.uint8), case.affine, affine, shape, order=0)
         mask, vessels, segments = resample(mask), resample(vessels), resample(segments)
     rng = np.random.default_rng(zlib.crc32(case.case_id.encode()))
     image = render(mask, np.linalg.norm(affine[:3, :3], axis=0), style, rng)

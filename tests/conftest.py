@@ -7,6 +7,7 @@ them too; ``-m "not slow"`` skips them while iterating).
 """
 
 import contextlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -26,6 +27,14 @@ from cowjax.data import io  # noqa: E402
 from cowjax.training import train  # noqa: E402
 
 devices.use_cpu_cores()
+
+
+def benchmark_module(name: str):
+    """``benchmarks/<name>.py`` loaded as a module (the folder is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 # ------------------------------------------------------------------------- a tube phantom dataset

@@ -1,22 +1,15 @@
 """The independent held-out generator (benchmarks/heldout_mra.py) writes valid, consistent cases."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 from scipy.spatial.transform import Rotation
 
 from cowjax import anatomy
 from cowjax.data import io
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "heldout_mra.py"
+from conftest import benchmark_module
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("heldout_mra", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("heldout_mra")
 
 
 def test_heldout_case_on_disk_landmarks_inside_and_bright(tmp_path):
@@ -51,10 +44,7 @@ def test_appearance_figure_sets_a_real_image_beside_both_generators(tmp_path):
     """benchmarks/appearance.py: one column for the real image and one per generated case."""
     import matplotlib.image
 
-    spec = importlib.util.spec_from_file_location(
-        "appearance", _PATH.parent / "appearance.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_module("appearance")
     affine = np.diag([1.2, 1.2, 1.5, 1.0])
     affine[:3, 3] = [-20.0, -15.0, -10.0]
     image = np.random.default_rng(0).random((36, 30, 16)).astype(np.float32)
@@ -89,11 +79,7 @@ def test_a_whole_head_field_of_view_shows_the_same_subject():
 
 
 def _field_of_view():
-    spec = importlib.util.spec_from_file_location("field_of_view",
-                                                  _PATH.parent / "field_of_view.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("field_of_view")
 
 
 def test_field_of_view_benchmark_refuses_a_bad_box_in_one_line(capsys):
@@ -132,9 +118,7 @@ def test_a_slab_keeps_the_voxels_above_its_edge_where_they_were():
 def test_real_crop_landmarks_are_circle_junctions_and_a_missing_image_is_one_line(tmp_path, capsys):
     """benchmarks/real_crop.py: the placed landmarks are cow19 junctions (bifurcations whatever
     the variant) of a crop of the circle; a missing image is refused before any model loads."""
-    spec = importlib.util.spec_from_file_location("real_crop", _PATH.parent / "real_crop.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_module("real_crop")
     names, world = mod.read_truth()
     assert len(set(names)) == len(names) == 9 and set(names) <= set(anatomy.LANDMARKS)
     assert not any(n.startswith(("M2_end", "A2_end", "P2_end")) for n in names)

@@ -1,26 +1,15 @@
 """benchmarks/render_labels.py draws case folders from their labels, on the grid it says."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
 from cowjax import anatomy
 from cowjax.data import io
-
-_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _module(name):
-    spec = importlib.util.spec_from_file_location(name, _BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import benchmark_module
 
 
 def test_cases_drawn_from_their_labels(tmp_path):
-    render = _module("render_labels")
-    _module("heldout_mra").main([str(tmp_path / "src"), "--num", "1", "--seed", "3",
+    render = benchmark_module("render_labels")
+    benchmark_module("heldout_mra").main([str(tmp_path / "src"), "--num", "1", "--seed", "3",
                                  "--spacing", "2,2,2"])
     source = io.load_case(io.list_cases(tmp_path / "src")[0])
     for style in ("binary", "soft"):
@@ -42,7 +31,7 @@ def test_cases_drawn_from_their_labels(tmp_path):
 
 
 def test_topcow_grid_keeps_the_world():
-    render = _module("render_labels")
+    render = benchmark_module("render_labels")
     # Stored with the slice axis first and turned, 1.2 x 1.0 x 1.0 mm voxels.
     affine = np.array([[0.0, 0.0, -1.0, 20.0], [0.0, 1.0, 0.0, -5.0], [1.2, 0.0, 0.0, -30.0],
                        [0, 0, 0, 1]])
@@ -62,8 +51,8 @@ def test_topcow_grid_keeps_the_world():
 
 
 def test_missing_labels_one_line_no_output(tmp_path, capsys):
-    render = _module("render_labels")
-    _module("heldout_mra").main([str(tmp_path / "src"), "--num", "1", "--seed", "4",
+    render = benchmark_module("render_labels")
+    benchmark_module("heldout_mra").main([str(tmp_path / "src"), "--num", "1", "--seed", "4",
                                  "--spacing", "2,2,2"])
     for f in (tmp_path / "src").glob("*/segments.nii.gz"):
         f.unlink()
