@@ -16,7 +16,8 @@ of both: each finds the landmarks its own way, their mean is written). Each read
 by a rule set before measuring (BENCHMARKS.md, 2026-12-06 and 2026-12-07): seed 1 alone scored
 1.84 mm on nine held-out sets of the independent generator and 1.17 mm on the real crop (seed 0,
 trained then on another CPU, 1.78 mm and 1.26 mm, over the 1.25 mm the rule allowed); the two
-averaged 1.74 mm, every set better, and 1.12 mm.
+averaged 1.74 mm, every set better, and 1.12 mm. A third seed (2) averaged in did not pass its
+rule (the real crop 1.16 mm against the pair's 1.15 on the same CPU; BENCHMARKS.md, 2026-12-07).
 """
 
 from configs import long
