@@ -1,6 +1,7 @@
 """The independent held-out generator (benchmarks/heldout_mra.py) writes valid, consistent cases."""
 
 import numpy as np
+from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from cowjax import anatomy
@@ -8,12 +9,8 @@ from cowjax.data import io
 from conftest import benchmark_module
 
 
-def _module():
-    return benchmark_module("heldout_mra")
-
-
 def test_heldout_case_on_disk_landmarks_inside_and_bright(tmp_path):
-    mod = _module()
+    mod = benchmark_module("heldout_mra")
     mod.main([str(tmp_path), "--num", "2", "--seed", "3", "--spacing", "2,2,2"])
     dirs = io.list_cases(tmp_path)
     assert len(dirs) == 2
@@ -62,7 +59,7 @@ def test_appearance_figure_sets_a_real_image_beside_both_generators(tmp_path):
 def test_a_whole_head_field_of_view_shows_the_same_subject():
     """``generate_case(fov_mm=...)``: the same landmarks, a RAS-aligned grid of that extent holding
     them, and the vessels they lie on drawn alike."""
-    mod = _module()
+    mod = benchmark_module("heldout_mra")
     spacing = (2.0, 2.0, 2.0)
     own, _ = mod.generate_case(5, 0, spacing)
     head, meta = mod.generate_case(5, 0, spacing, fov_mm=(160.0, 190.0, 140.0))
@@ -78,12 +75,8 @@ def test_a_whole_head_field_of_view_shows_the_same_subject():
         assert case.vessels[tuple(p.T)].mean() > 0.8      # landmarks on the drawn vessels
 
 
-def _field_of_view():
-    return benchmark_module("field_of_view")
-
-
 def test_field_of_view_benchmark_refuses_a_bad_box_in_one_line(capsys):
-    mod = _field_of_view()
+    mod = benchmark_module("field_of_view")
     for flag, value in (("--box", "44,38"), ("--below", "-5"), ("--below", "ten")):
         assert mod.main(["models/ready", flag, value]) == 2
         err = capsys.readouterr().err.strip()
@@ -93,7 +86,7 @@ def test_field_of_view_benchmark_refuses_a_bad_box_in_one_line(capsys):
 def test_a_slab_keeps_the_voxels_above_its_edge_where_they_were():
     """``field_of_view._slab`` on an oblique grid: what it keeps lies at or above the edge, every
     voxel above the edge is kept, at the same world position with the same value."""
-    mod = _field_of_view()
+    mod = benchmark_module("field_of_view")
     rng = np.random.default_rng(0)
     image = rng.uniform(1.0, 2.0, (20, 18, 16)).astype(np.float32)
     turn = Rotation.from_euler("xyz", [8, -5, 12], degrees=True).as_matrix()
@@ -126,3 +119,45 @@ def test_real_crop_landmarks_are_circle_junctions_and_a_missing_image_is_one_lin
     assert mod.main(["models/ready", "--image", str(tmp_path / "none.mha")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "none.mha" in err and "\n" not in err
+
+
+def test_real_crop_perturbations_keep_the_anatomy_where_their_world_puts_it():
+    """benchmarks/real_crop.py --perturb: in every view (turned, resampled, re-contrasted, noised,
+    cut) a bright blob is found where the view's ``turn`` puts it, through the view's affine; a
+    wrong grid centre, cut origin or turn direction moves it by millimetres."""
+    mod = benchmark_module("real_crop")
+    turn = Rotation.from_euler("xyz", [4, -3, 6], degrees=True).as_matrix()
+    affine = np.eye(4)
+    affine[:3, :3], affine[:3, 3] = turn * [0.3, 0.3, 0.6], [-12.0, -10.0, -9.0]
+    shape = (80, 70, 36)
+    blob = np.array([41.0, 33.0, 19.0])                    # voxel, away from every cut
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    d2 = (((ijk - blob) * [0.3, 0.3, 0.6]) ** 2).sum(-1)
+    rng = np.random.default_rng(1)
+    image = (100 + 1000 * np.exp(-d2 / (2 * 1.2 ** 2)) + rng.normal(0, 5, shape)).astype(np.float32)
+    world = affine[:3, :3] @ blob + affine[:3, 3]
+    views = list(mod.perturbations(image, affine, world + [3.0, -2.0, 1.0]))
+    assert len({label for label, *_ in views}) == len(views) >= 10
+    for label, im, af, view_turn in views:
+        smooth = ndimage.gaussian_filter(im.astype(np.float64), 1.0)
+        peak = np.array(np.unravel_index(np.argmax(smooth), im.shape), np.float64)
+        found = af[:3, :3] @ peak + af[:3, 3]
+        expected = view_turn[:3, :3] @ world + view_turn[:3, 3]
+        assert np.linalg.norm(found - expected) < 0.7, label
+
+
+def test_a_turn_about_r_lifts_the_front_about_the_centre_and_bad_turns_are_one_line(capsys):
+    """The benchmarks' turn (real_crop.turn_about, field_of_view.py --turn): a positive turn about
+    R lifts what lies anterior of the centre and keeps the centre; --turn with the whole-head views
+    is refused before any model loads."""
+    mod = benchmark_module("field_of_view")
+    centre = np.array([3.0, -4.0, 10.0])
+    turn = benchmark_module("real_crop").turn_about(0, 15.0, centre)
+    front = turn[:3, :3] @ (centre + [0, 10, 0]) + turn[:3, 3]
+    np.testing.assert_allclose(turn[:3, :3] @ centre + turn[:3, 3], centre, atol=1e-12)
+    np.testing.assert_allclose(front - centre, [0, 10 * np.cos(np.pi / 12), 10 * np.sin(np.pi / 12)],
+                               atol=1e-12)
+    for bad in (["--turn", "15", "--whole-head"], ["--turn", "x"]):
+        assert mod.main(["models/ready", *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --turn") and "\n" not in err
