@@ -138,9 +138,9 @@ def main(argv=None) -> int:
     for k in tqdm(range(args.num), desc="field of view", unit="case"):
         truth, views = _views(args.seed, k, box, args.whole_head, below, turns)
         for model, predictor in predictors.items():
-            seen = {}                               # one prediction per view, however scored
+            seen = {}                               # one prediction per image, however scored
             for name, image, affine, scored, turn in views:
-                key = (id(image), None if turn is None else turn.tobytes())
+                key = (id(image), affine.tobytes())
                 if key not in seen:
                     turned = truth if turn is None else apply_transform(turn, truth)
                     seen[key] = np.linalg.norm(

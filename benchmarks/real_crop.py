@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial.transform import Rotation
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,9 +46,8 @@ IMAGE = ROOT.parent / "shared" / "real-mra" / "topcow_mr_crop.mha"
 def turn_about(axis: int, degrees: float, centre) -> np.ndarray:
     """[4, 4] world -> world: ``degrees`` about world axis ``axis`` (0 R, 1 A, 2 S) through
     ``centre`` (mm), right-handed: about R, a positive turn lifts the anterior end."""
-    a, (i, j) = np.deg2rad(degrees), [(1, 2), (2, 0), (0, 1)][axis]
     turn = np.eye(4)
-    turn[[i, i, j, j], [i, j, i, j]] = np.cos(a), -np.sin(a), np.sin(a), np.cos(a)
+    turn[:3, :3] = Rotation.from_rotvec(np.eye(3)[axis] * degrees, degrees=True).as_matrix()
     turn[:3, 3] = centre - turn[:3, :3] @ centre
     return turn
 
